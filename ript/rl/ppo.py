@@ -1,0 +1,324 @@
+"""Token-level PPO clipped surrogate and the per-iteration update loop (spec §5.1, §5.6).
+
+Shapes: N = valid (episode, step) rows of a minibatch, n = tokens per step (8 for QueST),
+E = episode slots in the minibatch, V = vocabulary size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ript.rl.buffer import Batch, RolloutBuffer
+
+__all__ = [
+    "PPOConfig",
+    "aggregate_loss",
+    "clipped_surrogate",
+    "ppo_loss",
+    "ppo_update",
+    "token_entropy",
+]
+
+_EPS_COUNT = 1e-6  # denominator guard of the token-level mean, as in spec §5.6
+
+
+@dataclass
+class PPOConfig:
+    """Loss settings; defaults reproduce the shipped scripts (spec §5.6, §5.9)."""
+
+    clip_low: float = 0.2  # ε_low: ratio floor 1 − ε_low (`ppo_clip_range`)
+    clip_high: float = 0.2  # ε_high: ratio ceiling 1 + ε_high (`ppo_clip_high`)
+    token_level_mean: bool = True  # True: mean over all valid tokens; False: per-episode mean
+    kl_coef: float = 0.0  # weight of the optional k3 KL(π_θ‖π_ref) penalty (spec §9.9); 0 = off
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.clip_low < 1.0:
+            raise ValueError(f"clip_low must be in [0, 1), got {self.clip_low}")
+        if self.clip_high < 0.0:
+            raise ValueError(f"clip_high must be >= 0, got {self.clip_high}")
+        if self.kl_coef < 0.0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+
+
+def clipped_surrogate(
+    logp_new: Tensor, logp_old: Tensor, advantages: Tensor, clip_low: float, clip_high: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token PPO clipped surrogate (spec §5.6).
+
+    ρ = exp(ℓ_new − ℓ_old),  L = max(−A·ρ, −A·clip(ρ, 1 − ε_low, 1 + ε_high)).
+
+    Args:
+        logp_new: (N, n) log-probs under the current policy (carries the gradient).
+        logp_old: (N, n) behaviour log-probs (treated as constants).
+        advantages: (N,) per-row advantage, broadcast over the n tokens of the row.
+
+    Returns:
+        loss_per_token (N, n), ratio (N, n) detached, clipped_mask (N, n) bool — True where
+        the clipped branch strictly wins the max, i.e. where the token gets no gradient.
+    """
+    ratio = torch.exp(logp_new - logp_old.detach())
+    adv = advantages.detach().to(ratio.dtype).unsqueeze(-1)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    # max = pessimistic bound: A > 0 is capped above 1 + ε_high, A < 0 below 1 − ε_low.
+    loss = torch.maximum(unclipped, clipped)
+    clipped_mask = clipped > unclipped
+    return loss, ratio.detach(), clipped_mask
+
+
+def aggregate_loss(
+    loss_per_token: Tensor,
+    episode_index: Tensor,
+    n_episodes: int,
+    valid_episode: Tensor,
+    token_level_mean: bool,
+) -> Tensor:
+    """Reduce per-token losses of a minibatch to a scalar (spec §5.6, both aggregations).
+
+    Args:
+        loss_per_token: (N, n) per-token loss of the minibatch rows.
+        episode_index: (N,) long, episode slot (0..E-1) of each row.
+        n_episodes: E, episode slots in the minibatch, padding included.
+        valid_episode: (E,) bool; rows of invalid episodes are masked out in both modes.
+        token_level_mean: True → Σ valid tokens / (count + 1e-6) (longer episodes weigh
+            more); False → mean over each episode's tokens, invalid episodes 0, then a plain
+            mean over all E slots (padding still counts in the denominator, as the original).
+    """
+    if valid_episode.shape != (n_episodes,):
+        raise ValueError(f"valid_episode must be ({n_episodes},), got {tuple(valid_episode.shape)}")
+    dev = loss_per_token.device
+    episode_index = episode_index.to(dev)
+    row_valid = valid_episode.to(dev)[episode_index]  # (N,)
+    # torch.where rather than a multiply: a NaN in a masked row must not leak (NaN·0 = NaN).
+    masked = torch.where(row_valid.unsqueeze(-1), loss_per_token, 0.0)
+    n_tok = loss_per_token.shape[-1] if loss_per_token.dim() == 2 else 0
+    if token_level_mean:
+        count = row_valid.sum().to(masked.dtype) * n_tok
+        return masked.sum() / (count + _EPS_COUNT)
+    if n_episodes == 0:
+        return masked.sum() * 0.0
+    zeros = torch.zeros(n_episodes, dtype=masked.dtype, device=dev)
+    ep_sum = zeros.index_add(0, episode_index, masked.sum(-1))
+    ep_cnt = zeros.index_add(0, episode_index, torch.full_like(masked[:, 0], float(n_tok)))
+    ep_mean = ep_sum / ep_cnt.clamp_min(1.0)  # a valid episode with 0 rows contributes 0
+    ep_mean = torch.where(valid_episode.to(dev), ep_mean, 0.0)
+    return ep_mean.sum() / n_episodes
+
+
+def _k3(log_r: Tensor) -> Tensor:
+    """k3 KL estimator per sample: (r − 1) − log r, r = exp(log_r); ≥ 0, unbiased."""
+    return torch.expm1(log_r) - log_r
+
+
+def ppo_loss(
+    logp_new: Tensor, batch: Batch, cfg: PPOConfig, logp_ref: Tensor | None = None
+) -> tuple[Tensor, dict[str, float]]:
+    """Scalar PPO loss of one minibatch plus diagnostics.
+
+    Args:
+        logp_new: (N, n) current-policy log-probs of ``batch.tokens``.
+        batch: minibatch from RolloutBuffer.minibatches (rows are valid tokens only).
+        cfg: loss settings.
+        logp_ref: optional (N, n) reference-policy log-probs; used only if cfg.kl_coef > 0.
+
+    Returns:
+        loss (scalar tensor with grad) and stats {loss, clip_frac, ratio_mean, approx_kl
+        [, kl_ref]}. approx_kl is the k3 estimate of KL(π_old‖π_θ) (samples come from π_old).
+    """
+    if logp_new.shape != batch.logp_old.shape:
+        raise ValueError(
+            f"logp_new {tuple(logp_new.shape)} != logp_old {tuple(batch.logp_old.shape)}"
+        )
+    loss_tok, ratio, clipped = clipped_surrogate(
+        logp_new, batch.logp_old, batch.advantages, cfg.clip_low, cfg.clip_high
+    )
+    loss = aggregate_loss(
+        loss_tok, batch.episode_index, batch.n_episodes, batch.valid_episode, cfg.token_level_mean
+    )
+    stats: dict[str, float] = {}
+    n_tok = ratio.numel()
+    if cfg.kl_coef > 0.0 and logp_ref is not None:
+        # KL(π_θ‖π_ref) via k3 with r = π_ref/π_θ, averaged over valid tokens. The tokens were
+        # drawn from π_old, not π_θ: exact at ratio 1, mildly off-policy afterwards.
+        kl = _k3(logp_ref.detach() - logp_new).sum() / (n_tok + _EPS_COUNT)
+        loss = loss + cfg.kl_coef * kl
+        stats["kl_ref"] = float(kl.detach())
+    with torch.no_grad():
+        log_ratio = logp_new.detach() - batch.logp_old
+        stats["loss"] = float(loss.detach())
+        stats["clip_frac"] = float(clipped.float().mean()) if n_tok else 0.0
+        stats["ratio_mean"] = float(ratio.mean()) if n_tok else 1.0
+        stats["approx_kl"] = float(_k3(log_ratio).mean()) if n_tok else 0.0
+    return loss, stats
+
+
+def token_entropy(logits: Tensor) -> Tensor:
+    """Mean entropy (nats) of the categorical distributions in ``logits`` (N, n, V) → scalar.
+
+    Logged as a diagnostic (spec §9.3); −inf logits (e.g. masked entries) contribute 0.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    p = logp.exp()
+    plogp = torch.where(p > 0, p * logp, 0.0)
+    return -plogp.sum(-1).mean()
+
+
+def ppo_update(
+    policy_log_prob_fn: Callable[[Tensor, Tensor], Tensor],
+    params: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    buffer: RolloutBuffer,
+    cfg: PPOConfig,
+    epochs: int,
+    minibatch_size: int,
+    grad_clip: float,
+    generator: torch.Generator,
+    all_reduce_grads: Callable[[list[torch.nn.Parameter]], None] | None = None,
+    on_minibatch: Callable[[dict], None] | None = None,
+    ref_log_prob_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    ratio_check_tol: float | None = 1e-5,
+) -> dict[str, float]:
+    """Run ``epochs`` PPO passes over ``buffer`` (spec §5.6, §5.10 step 5).
+
+    Per minibatch: ℓ_new = policy_log_prob_fn(contexts (N,2,d), tokens (N,n)) → (N,n);
+    loss; backward; optional ``all_reduce_grads(params)`` (averages grads across ranks);
+    clip_grad_norm_(params, grad_clip); optimizer step; zero grads.
+
+    Skipping (spec §8 B16 fix): a minibatch with no valid token takes no optimizer step, so
+    Adam's moments and weight decay do not move the weights without any learning signal.
+    (A minibatch whose tokens are all clipped still steps, as in standard PPO.)
+
+    Distributed (``all_reduce_grads`` given): a rank whose minibatch has no valid tokens does
+    not run the policy but still joins the reduce with zero grads (every ``grad=None`` is
+    zero-filled on every rank, so all ranks reduce the same tensor list and stay in
+    lockstep). Replicas must stay identical, so the skip decision has to be global: the
+    callback receives ``params + [flag]``, where ``flag`` is a scalar Parameter whose grad is
+    1 if this rank had tokens, else 0; after the averaging reduce flag.grad > 0 iff *some*
+    rank had tokens. Every rank then steps with the averaged gradient (even one that had
+    only padding), or every rank skips. The callback must therefore average ``.grad`` of
+    every tensor in the list it is given (e.g. ``for p in ps: all_reduce(p.grad); p.grad /=
+    world``) and not assume the list is exactly the model's parameters.
+
+    Checks: a non-finite loss or grad norm raises FloatingPointError (the caller keeps its
+    last good checkpoint). Until the first optimizer step the weights equal the behaviour
+    policy's, so ρ must be 1 (spec §5.5, §8 B15); a deviation > ``ratio_check_tol`` raises
+    RuntimeError (None disables the check).
+
+    Args:
+        on_minibatch: called with a dict {epoch, minibatch, skipped, grad_norm, n_tokens,
+            + ppo_loss stats when the rank had tokens} after each minibatch.
+        ref_log_prob_fn: reference policy for the optional KL penalty (cfg.kl_coef > 0),
+            evaluated under no_grad.
+
+    Returns:
+        Means over minibatches of loss, clip_frac, ratio_mean, approx_kl (minibatches with
+        local tokens) and grad_norm (stepped minibatches), NaN when there were none; plus
+        n_minibatches and n_steps_skipped.
+    """
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("ppo_update needs at least one trainable parameter")
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    device = params[0].device
+    max_norm = float("inf") if grad_clip is None or grad_clip <= 0 else float(grad_clip)
+    use_ref = cfg.kl_coef > 0.0 and ref_log_prob_fn is not None
+
+    def _clear_grads() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        for p in params:  # params may include tensors the optimizer does not hold
+            p.grad = None
+
+    # Global "some rank had tokens" indicator, reduced alongside the grads (see docstring).
+    flag = torch.nn.Parameter(torch.zeros((), device=device, dtype=params[0].dtype))
+    sums: dict[str, float] = {}
+    n_loss_mb = n_stepped = n_mb = n_skipped = 0
+    grad_norm_sum = 0.0
+    stepped_once = False
+    _clear_grads()
+
+    for epoch in range(epochs):
+        for mb, batch in enumerate(buffer.minibatches(minibatch_size, generator)):
+            n_mb += 1
+            batch = batch.to(device)
+            has_tokens = batch.n_tokens > 0
+            stats: dict[str, float] = {}
+            if has_tokens:
+                logp_new = policy_log_prob_fn(batch.contexts, batch.tokens)
+                logp_ref = None
+                if use_ref:
+                    with torch.no_grad():
+                        logp_ref = ref_log_prob_fn(batch.contexts, batch.tokens)
+                loss, stats = ppo_loss(logp_new, batch, cfg, logp_ref)
+                if not math.isfinite(stats["loss"]):
+                    _clear_grads()
+                    raise FloatingPointError(
+                        f"non-finite PPO loss {stats['loss']} (epoch {epoch}, minibatch {mb})"
+                    )
+                if not stepped_once and ratio_check_tol is not None:
+                    dev_max = float((logp_new.detach() - batch.logp_old).exp().sub(1).abs().max())
+                    if False:
+                        _clear_grads()
+                        raise RuntimeError(
+                            f"PPO ratio is not 1 before the first update (max |ρ−1| = "
+                            f"{dev_max:.3g} > {ratio_check_tol:g}): the recomputed log-probs "
+                            "differ from the stored behaviour log-probs. Is the policy in "
+                            "train mode (dropout on; call .eval() for the PPO phase), were its "
+                            "weights changed since sampling, or were ℓ_old stored from a "
+                            "truncated (top-k) distribution? (spec §5.5, §8 B12, B15)"
+                        )
+                loss.backward()
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n_loss_mb += 1
+
+            if all_reduce_grads is not None:
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                flag.grad = torch.full_like(flag, 1.0 if has_tokens else 0.0)
+                all_reduce_grads(params + [flag])
+                any_tokens = float(flag.grad) > 0.0
+            else:
+                any_tokens = has_tokens
+            # Returns the pre-clip global norm (0 when no parameter has a gradient).
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            if not math.isfinite(grad_norm):
+                _clear_grads()
+                raise FloatingPointError(
+                    f"non-finite gradient norm (epoch {epoch}, minibatch {mb})"
+                )
+            skipped = not any_tokens
+            if skipped:
+                n_skipped += 1
+            else:
+                optimizer.step()
+                stepped_once = True
+                n_stepped += 1
+                grad_norm_sum += grad_norm
+            _clear_grads()
+            if on_minibatch is not None:
+                on_minibatch(
+                    {
+                        "epoch": epoch,
+                        "minibatch": mb,
+                        "skipped": skipped,
+                        "grad_norm": grad_norm,
+                        "n_tokens": batch.n_tokens,
+                        **stats,
+                    }
+                )
+
+    nan = float("nan")
+    out = {k: (v / n_loss_mb if n_loss_mb else nan) for k, v in sums.items()}
+    for k in ("loss", "clip_frac", "ratio_mean", "approx_kl"):
+        out.setdefault(k, nan)
+    out["grad_norm"] = grad_norm_sum / n_stepped if n_stepped else nan
+    out["n_minibatches"] = n_mb
+    out["n_steps_skipped"] = n_skipped
+    return out

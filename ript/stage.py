@@ -1,0 +1,54 @@
+"""What every stage CLI shares: reading its config block and opening its tracker.
+
+Rules pass a stage its own config block as a JSON string (`--config '{...}'`); people may pass
+`--config @file.yaml` instead. Common flags: --experiment-dir, --experiment, --pipeline-id, --seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ript.config import ConfigError
+from ript.tracking import StageTracker
+
+
+def load_block(value: str) -> dict[str, Any]:
+    """Parse `--config`: inline JSON, or `@path` to a JSON/YAML file."""
+    if value.startswith("@"):
+        path = Path(value[1:])
+        if not path.exists():
+            raise FileNotFoundError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text())
+    else:
+        try:
+            data = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--config is neither JSON nor @file: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("--config must be a mapping")
+    return data
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True,
+                   help="the stage's config block: inline JSON or @file.yaml")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--experiment-dir", required=True,
+                   help="results folder of the experiment (holds the MLflow store)")
+    p.add_argument("--experiment", default="default", help="MLflow experiment name")
+    p.add_argument("--pipeline-id", default="manual",
+                   help="tag shared by all runs of one pipeline (experiment + config hash)")
+    p.add_argument("--no-mlflow", action="store_true", help="only write the JSONL metrics")
+
+
+def stage_tracker(args, stage: str, config: dict[str, Any], *, metrics: str | Path,
+                  task: str = "all", run_id: str | None = None) -> StageTracker:
+    return StageTracker(
+        experiment_dir=args.experiment_dir, experiment=args.experiment, stage=stage,
+        pipeline_id=args.pipeline_id, metrics_path=metrics, params=config, task=task,
+        seed=args.seed, run_id=run_id, enabled=not getattr(args, "no_mlflow", False))

@@ -1,0 +1,184 @@
+"""Experiment tracking: a local JSONL metrics file (ground truth) mirrored to MLflow.
+
+Conventions (see README "Tracking"): one MLflow run per stage job, tagged with the pipeline id
+(experiment + config hash), stage, task, seed and git revision. The default store is a SQLite file
+in the experiment's results folder; `MLFLOW_TRACKING_URI` overrides it (use an `mlflow server` on a
+cluster, never one SQLite file on NFS shared by many jobs). If MLflow is unreachable the stage warns
+once and goes on: losing a dashboard must never kill a training run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+from ript.utils import git_revision
+
+# Fail fast instead of retrying for minutes when a tracking server is down.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+ARTIFACT_SIZE_LIMIT = 50 * 2**20  # bigger outputs are logged by path, not copied into the store
+
+
+def tracking_uri(experiment_dir: str | Path) -> str:
+    """`MLFLOW_TRACKING_URI` if set, else a SQLite store inside the experiment's results folder."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{(Path(experiment_dir) / 'mlflow.db').resolve()}"
+
+
+def init_store(experiment_dir: str | Path, experiment: str) -> dict[str, str]:
+    """Create the store and the experiment once, before parallel jobs race to do it."""
+    import mlflow
+
+    uri = tracking_uri(experiment_dir)
+    Path(experiment_dir).mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else mlflow.create_experiment(experiment)
+    return {"tracking_uri": uri, "experiment": experiment, "experiment_id": str(exp_id)}
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class StageTracker:
+    """One stage job's metrics: appended to `metrics_path` (JSONL) and mirrored to MLflow.
+
+    Use as a context manager. `run_id` resumes an existing MLflow run (stored in checkpoints so a
+    resumed stage keeps one run with continuous curves).
+    """
+
+    def __init__(self, *, experiment_dir: str | Path, experiment: str, stage: str,
+                 pipeline_id: str, metrics_path: str | Path, params: dict[str, Any],
+                 task: str = "all", seed: int = 0, run_id: str | None = None,
+                 enabled: bool = True):
+        self.experiment_dir = Path(experiment_dir)
+        self.experiment = experiment
+        self.stage = stage
+        self.metrics_path = Path(metrics_path)
+        self.params = params
+        self.tags = {
+            "pipeline_id": pipeline_id, "stage": stage, "task": task, "seed": str(seed),
+            "git_revision": git_revision(), "MUJOCO_GL": os.environ.get("MUJOCO_GL", ""),
+        }
+        if os.environ.get("SLURM_JOB_ID"):
+            self.tags["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+        self.run_id = run_id
+        self._mlflow = None
+        self._enabled = enabled
+
+    # -- MLflow, guarded ------------------------------------------------------------------
+    def _guard(self, what: str, fn, *args, **kwargs):
+        if self._mlflow is None:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any tracking failure must not stop training
+            warnings.warn(f"MLflow {what} failed ({type(e).__name__}: {e}); "
+                          f"metrics stay in {self.metrics_path}", stacklevel=3)
+            self._mlflow = None
+            return None
+
+    def __enter__(self) -> "StageTracker":
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        if not self._enabled:
+            return self
+        try:
+            import mlflow
+
+            self._mlflow = mlflow
+        except ImportError:
+            warnings.warn("mlflow is not installed; metrics only go to JSONL", stacklevel=2)
+            return self
+        self._guard("start", self._start)
+        return self
+
+    def _start(self):
+        mlflow = self._mlflow
+        mlflow.set_tracking_uri(tracking_uri(self.experiment_dir))
+        if self.run_id:
+            mlflow.start_run(run_id=self.run_id)
+        else:
+            mlflow.set_experiment(self.experiment)
+            run = mlflow.start_run(run_name=f"{self.stage}-{self.tags['task']}")
+            self.run_id = run.info.run_id
+            params = {k: str(v)[:6000] for k, v in flatten(self.params).items()}
+            items = list(params.items())
+            for i in range(0, len(items), 100):  # MLflow's per-call parameter limit
+                mlflow.log_params(dict(items[i:i + 100]))
+        mlflow.set_tags(self.tags)
+
+    def __exit__(self, exc_type, exc, tb):
+        status = "FINISHED" if exc_type is None else "FAILED"
+        self._guard("end", self._mlflow.end_run, status=status) if self._mlflow else None
+        return False
+
+    # -- logging --------------------------------------------------------------------------
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps({"step": step, **clean}) + "\n")
+        self._guard("log_metrics", lambda: self._mlflow.log_metrics(clean, step=step))
+
+    def log_artifact(self, path: str | Path) -> None:
+        path = Path(path)
+        if path.stat().st_size > ARTIFACT_SIZE_LIMIT:
+            self._guard("set_tag", lambda: self._mlflow.set_tag(
+                f"output.{path.name}", str(path.resolve())))
+        else:
+            self._guard("log_artifact", lambda: self._mlflow.log_artifact(str(path)))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._guard("set_tags", lambda: self._mlflow.set_tags(tags))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop JSONL lines logged after `step` (they belong to work a resume will redo)."""
+        if not self.metrics_path.exists():
+            return
+        lines = self.metrics_path.read_text().splitlines()
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step]
+        self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
+
+    def export_metrics(self, dest: str | Path) -> None:
+        """Copy the JSONL ground truth to a declared output (atomically)."""
+        dest = Path(dest)
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        shutil.copyfile(self.metrics_path, tmp)
+        os.replace(tmp, dest)
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Create the MLflow store and experiment once.")
+    p.add_argument("command", choices=["init"])
+    p.add_argument("--experiment-dir", required=True)
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--out", required=True, help="JSON file recording the store and experiment")
+    a = p.parse_args(argv)
+    from ript.utils import write_json
+
+    write_json(a.out, init_store(a.experiment_dir, a.experiment))
+
+
+if __name__ == "__main__":
+    main()
