@@ -31,5 +31,16 @@ COMMON_ARGS = (
 )
 
 
+DATA_FILES = expand(f"{RESULTS}/data/{{task}}.hdf5", task=TASKS)
+# Library modules whose edits invalidate the supervised stages (README: "What re-runs").
+TRAIN_CODE = ("train", "data/dataset.py", "data/hdf5.py")
+
+
+def sft_model():
+    """The policy RIPT starts from: stage 2's if decoder fine-tuning is on, else stage 1's."""
+    stage = "finetune" if config["finetune"]["enabled"] else "prior"
+    return f"{RESULTS}/{stage}/model.pt"
+
+
 def all_outputs():
-    return expand(f"{RESULTS}/data/{{task}}.hdf5", task=TASKS)
+    return [*DATA_FILES, sft_model()]

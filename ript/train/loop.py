@@ -1,0 +1,145 @@
+"""The supervised training loop shared by QueST stages 0-2: AdamW, cosine schedule, grad clip,
+exact resume, NaN guard, JSONL + MLflow metrics, tqdm progress."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ript.config import require
+from ript.train import checkpoint as ckpt
+from ript.utils import progress
+
+
+@dataclass
+class OptimConfig:
+    """Optimisation of one supervised stage (spec §3.5, §4.3)."""
+
+    steps: int = 2000
+    """Optimiser steps (the original counts epochs; steps make resume exact and cheap)."""
+    batch_size: int = 256
+    """Windows per batch (256 for stage 0 and 128 for stage 1 in the paper)."""
+    lr: float = 1e-4
+    """Peak learning rate of AdamW."""
+    lr_min: float = 1e-5
+    """Cosine schedule floor."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay on Linear/Conv weights only."""
+    grad_clip: float = 100.0
+    """Global gradient-norm clip."""
+    checkpoint_every: int = 200
+    """Steps between resume checkpoints (ckpt/latest.pt)."""
+    log_every: int = 20
+    """Steps between metric records."""
+    num_workers: int = 0
+    """DataLoader worker processes (images are read lazily from HDF5)."""
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+            require(getattr(self, name) >= 1, f"train.{name}", "must be >= 1")
+        require(self.lr > 0 and 0 <= self.lr_min <= self.lr, "train.lr_min",
+                "needs 0 <= lr_min <= lr and lr > 0")
+        require(self.num_workers >= 0, "train.num_workers", "must be >= 0")
+
+
+def decay_groups(module: torch.nn.Module, named_params, weight_decay: float) -> list[dict]:
+    """AdamW groups (spec §3.5): decay on Linear/Conv weights only; no decay on biases, norms,
+    embeddings."""
+    decay_ids = {id(m.weight) for m in module.modules()
+                 if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d))}
+    decay = [p for _, p in named_params if id(p) in decay_ids]
+    other = [p for _, p in named_params if id(p) not in decay_ids]
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": other, "weight_decay": 0.0}]
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """Batches of shuffled indices, a fresh permutation per epoch derived from (seed, epoch),
+    so the batch of any step can be rebuilt after a resume without replaying the others."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start_step: int, total_steps: int):
+        self.n, self.bs, self.seed = n, min(batch_size, n), seed
+        self.per_epoch = math.ceil(n / self.bs)
+        self.start, self.total = start_step, total_steps
+
+    def __iter__(self):
+        for step in range(self.start, self.total):
+            epoch, pos = divmod(step, self.per_epoch)
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            perm = torch.randperm(self.n, generator=g)
+            yield perm[pos * self.bs:(pos + 1) * self.bs].tolist()
+
+    def __len__(self):
+        return self.total - self.start
+
+
+def cosine(step: int, cfg: OptimConfig) -> float:
+    """LR multiplier: cosine from lr to lr_min over all steps."""
+    t = min(step / max(cfg.steps, 1), 1.0)
+    return (cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * t))) / cfg.lr
+
+
+def _to(batch, device):
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    return batch.to(device) if torch.is_tensor(batch) else batch
+
+
+def train_loop(model, loss_fn, groups, dataset: Dataset, cfg: OptimConfig, tracker, *,
+               ckpt_dir: Path, resume: dict | None, resume_key: str, seed: int,
+               device: torch.device, config: dict) -> dict:
+    """Train `model` for cfg.steps; resumable from `resume` (a ckpt/latest.pt payload)."""
+    if len(dataset) == 0:
+        raise ValueError("empty dataset: no training windows")
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, cfg))
+    step = 0
+    if resume:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        ckpt.set_rng_state(resume["rng"])
+        step = resume["step"]
+        tracker.truncate_after(step)
+    params = [p for g in groups for p in g["params"]]
+
+    def save_state():
+        ckpt.save(ckpt_dir / "latest.pt", {
+            "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "rng": ckpt.rng_state(), "step": step,
+            "config": config, "resume_key": resume_key, "mlflow_run_id": tracker.run_id})
+
+    loader = DataLoader(dataset, batch_sampler=EpochBatches(len(dataset), cfg.batch_size, seed,
+                                                            step, cfg.steps),
+                        num_workers=cfg.num_workers, persistent_workers=False)
+    bar = progress(total=cfg.steps, initial=step, desc=tracker.stage)
+    last = {}
+    for batch in loader:
+        model.train()
+        loss, metrics = loss_fn(_to(batch, device))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite loss ({loss.item()}) at step {step}; the last good checkpoint is "
+                f"kept in {ckpt_dir / 'latest.pt'} - lower the learning rate and re-run")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        step += 1
+        bar.update(1)
+        last = {**metrics, "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"]}
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            tracker.log_metrics(last, step)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            if bar.disable:  # logs and batch jobs still get a heartbeat
+                print(f"{tracker.stage} step {step}/{cfg.steps} loss {metrics['loss']:.4f}",
+                      flush=True)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            save_state()
+    bar.close()
+    return {"steps": step, **last}

@@ -1,0 +1,244 @@
+"""QueST supervised stages as one CLI (spec §3.5, §4.3, §4.5).
+
+    stage 0  action autoencoder (SkillVAE) on action windows only
+    stage 1  observation encoders + SkillGPT prior; the autoencoder is frozen
+    stage 2  stage-1 loss + λ·L1 of decoded sampled tokens; the decoder is trainable too
+
+    python -m ript.train.sft --stage 0 --data results/x/data/*.hdf5 --config '{...}' \
+        --out model.pt --metrics metrics.jsonl --experiment-dir results/x
+
+Resumes from `<out dir>/ckpt/latest.pt` when it was made with the same settings and inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch.utils.data import DataLoader
+
+from ript.config import from_dict, require, to_dict
+from ript.data.dataset import SequenceDataset
+from ript.data.hdf5 import file_attrs, open_file
+from ript.envs.metaworld import all_tasks
+from ript.models import ObsEncoder, QuestPolicy, SkillGPT, SkillVAE
+from ript.stage import add_common_args, load_block, stage_tracker
+from ript.train import checkpoint as ckpt
+from ript.train.loop import OptimConfig, decay_groups, train_loop
+from ript.utils import seed_everything, stable_hash
+
+@dataclass
+class AutoencoderConfig:
+    """Block `autoencoder`: SkillVAE architecture (spec §3.1) and its training."""
+
+    chunk_size: int = 32
+    """Actions per chunk T (skill_block_size)."""
+    downsample: int = 4
+    """Temporal downsampling F (a power of two); tokens per chunk = T / F."""
+    d_model: int = 256
+    """Width of encoder and decoder."""
+    enc_layers: int = 2
+    """Causal transformer encoder layers."""
+    dec_layers: int = 4
+    """Transformer decoder layers."""
+    heads: int = 4
+    """Attention heads."""
+    ffn: int = 1024
+    """Feed-forward width."""
+    dropout: float = 0.1
+    """Dropout in both transformers."""
+    quantizer: Literal["fsq", "vq"] = "fsq"
+    """FSQ (the paper's) or VQ (ablation) bottleneck, from vector-quantize-pytorch."""
+    codebook_size: int = 1024
+    """Requested codebook size; FSQ maps it to levels (1024 → [8,5,5,5] = 1000 codes)."""
+    fsq_levels: list[int] | None = None
+    """Explicit FSQ levels (overrides codebook_size for FSQ)."""
+    train: OptimConfig = field(default_factory=OptimConfig)
+    """Optimisation settings of stage 0."""
+
+    def arch(self, action_dim: int) -> dict:
+        d = to_dict(self)
+        d.pop("train")
+        return {"action_dim": action_dim, **d}
+
+
+@dataclass
+class PriorConfig:
+    """Block `prior`: observation encoders + SkillGPT (spec §4.1-4.4) and stage-1 training."""
+
+    lowdim_keys: list[str] = field(default_factory=lambda: ["robot_states"])
+    """Low-dim observation keys, each projected by a linear layer."""
+    rgb_keys: list[str] = field(default_factory=list)
+    """Image observation keys, each through a ResNet-18 trunk + spatial softmax."""
+    d_model: int = 384
+    """Width of the prior and of the context tokens."""
+    layers: int = 6
+    """Transformer layers of SkillGPT."""
+    heads: int = 6
+    """Attention heads."""
+    ffn: int = 1536
+    """Feed-forward width."""
+    dropout: float = 0.1
+    """Embedding/attention dropout."""
+    lowdim_width: int = 128
+    """Output width of each low-dim projection."""
+    image_width: int = 256
+    """Output width of each image encoder."""
+    augment: bool = True
+    """Train-time image augmentation (random shift + colour jitter, spec §2.4)."""
+    action_horizon: int = 8
+    """Actions executed from each decoded 32-step chunk before replanning (T_a)."""
+    top_k: int = 5
+    """Top-k sampling at inference (the original's `beam_size`)."""
+    temperature: float = 1.0
+    """Sampling temperature at inference."""
+    train: OptimConfig = field(default_factory=OptimConfig)
+    """Optimisation settings of stage 1."""
+
+    def validate(self) -> None:
+        require(len(self.lowdim_keys) + len(self.rgb_keys) > 0, "prior",
+                "needs at least one observation key (lowdim_keys or rgb_keys)")
+
+
+@dataclass
+class FinetuneConfig:
+    """Block `finetune`: QueST stage 2, decoder fine-tuning (spec §4.5)."""
+
+    enabled: bool = False
+    """Run stage 2 between the prior and RIPT (QueST's few-shot recipe)."""
+    l1_weight: float = 10.0
+    """λ: weight of the L1 between decoded sampled tokens and the demo actions."""
+    train: OptimConfig = field(default_factory=OptimConfig)
+    """Optimisation settings of stage 2."""
+
+
+STAGE_CONFIGS = {0: AutoencoderConfig, 1: PriorConfig, 2: FinetuneConfig}
+STAGE_NAMES = {0: "autoencoder", 1: "prior", 2: "finetune"}
+
+
+def data_meta(files: list[Path]) -> dict:
+    """Settings shared by all data files; refuses files made with different settings."""
+    metas = []
+    for f in files:
+        with open_file(f) as h:
+            metas.append(file_attrs(h))
+    keys = ("env_name", "image", "image_size", "eval_variants", "benchmark_seed", "action_noise")
+    first = {k: metas[0].get(k) for k in keys}
+    for f, m in zip(files[1:], metas[1:]):
+        ckpt_diff = {k: (m.get(k), first[k]) for k in keys if m.get(k) != first[k]}
+        if ckpt_diff:
+            raise ValueError(f"{f}: made with other settings than {files[0]}: {ckpt_diff}")
+    return {**first, "tasks": [m["task"] for m in metas]}
+
+
+def build_model(stage: int, cfg, init: Path | None, prev: dict | None,
+                dataset: SequenceDataset):
+    """The module trained by `stage` (SkillVAE for 0, the whole QuestPolicy for 1/2)."""
+    if stage == 0:
+        return SkillVAE(**cfg.arch(dataset.action_dim))
+    if stage == 1:
+        if prev.get("kind") != "autoencoder":
+            raise ckpt.CheckpointError(f"{init}: stage 1 needs the stage-0 autoencoder file")
+        ae = SkillVAE(**prev["arch"])
+        ckpt.load_weights(init, ae, prev["state_dict"])
+        if ae.action_dim != dataset.action_dim:
+            raise ckpt.CheckpointError(f"{init}: autoencoder action_dim {ae.action_dim}, "
+                                       f"data action_dim {dataset.action_dim}")
+        obs_dims = {k: dataset.demos[0].lowdim[k].shape[-1] for k in cfg.lowdim_keys}
+        enc = ObsEncoder(obs_dims, cfg.rgb_keys, d_model=cfg.d_model,
+                         lowdim_width=cfg.lowdim_width, image_width=cfg.image_width,
+                         n_tasks=len(all_tasks()), augment=cfg.augment)
+        prior = SkillGPT(ae.vocab_size, ae.n_tokens, cfg.d_model, cfg.layers, cfg.heads,
+                         cfg.ffn, cfg.dropout)
+        return QuestPolicy(ae, enc, prior, cfg.action_horizon, cfg.top_k, cfg.temperature)
+    if prev.get("kind") != "policy":
+        raise ckpt.CheckpointError(f"{init}: stage 2 needs a stage-1 policy file")
+    policy = QuestPolicy.from_arch(prev["arch"])
+    ckpt.load_weights(init, policy, prev["state_dict"])
+    return policy
+
+
+def run_stage(stage: int, cfg, files: list[Path], out: Path, metrics_out: Path, args,
+              init: Path | None = None) -> dict:
+    seed_everything(args.seed)
+    meta = data_meta(files)
+    prev = ckpt.load(init) if stage > 0 else None
+    if stage == 0:
+        obs_keys, chunk = None, cfg.chunk_size
+    elif stage == 1:
+        obs_keys, chunk = cfg.lowdim_keys + cfg.rgb_keys, prev["arch"]["chunk_size"]
+    else:
+        obs_keys, chunk = prev["meta"]["obs_keys"], prev["arch"]["autoencoder"]["chunk_size"]
+    dataset = SequenceDataset(files, obs_keys, seq_len=chunk, pad_seq_length=True)
+    model = build_model(stage, cfg, init, prev, dataset)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    if stage == 0:
+        params = list(model.named_parameters())
+        groups = decay_groups(model, params, cfg.train.weight_decay)
+
+        def loss_fn(batch):
+            return model.loss(batch["actions"], batch["pad_mask"])
+    else:
+        model.freeze_for_stage(stage)
+        params = model.trainable_parameters(stage)
+        groups = decay_groups(model, params, cfg.train.weight_decay)
+        l1 = getattr(cfg, "l1_weight", 0.0)
+
+        def loss_fn(batch):
+            return model.stage_loss(batch, stage, l1_weight=l1)
+
+    ckpt_dir = out.parent / "ckpt"
+    inputs = [(str(f), os.path.getsize(f), int(os.path.getmtime(f))) for f in files]
+    if init:
+        inputs.append((str(init), os.path.getsize(init), int(os.path.getmtime(init))))
+    resume_key = stable_hash({"stage": stage, "cfg": to_dict(cfg), "seed": args.seed,
+                              "inputs": inputs})
+    resume = ckpt.load_resume_state(ckpt_dir / "latest.pt", resume_key)
+    name = STAGE_NAMES[stage]
+    with stage_tracker(args, name, to_dict(cfg), metrics=ckpt_dir / "metrics.jsonl",
+                       run_id=resume["mlflow_run_id"] if resume else None) as tracker:
+        if not resume and tracker.metrics_path.exists():
+            tracker.metrics_path.unlink()  # a fresh run starts a fresh curve
+        summary = train_loop(model, loss_fn, groups, dataset, cfg.train, tracker,
+                             ckpt_dir=ckpt_dir, resume=resume, resume_key=resume_key,
+                             seed=args.seed, device=device, config=to_dict(cfg))
+        kind = "autoencoder" if stage == 0 else "policy"
+        arch = model.arch
+        out_meta = {"data": meta, "stage": stage, "obs_keys": obs_keys or [],
+                    "action_dim": dataset.action_dim, "steps": summary["steps"]}
+        if stage == 2:
+            out_meta = {**prev["meta"], **out_meta}
+        ckpt.save(out, {"kind": kind, "arch": arch, "meta": out_meta,
+                        "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}})
+        tracker.export_metrics(metrics_out)
+        tracker.log_artifact(metrics_out)
+        tracker.log_artifact(out)
+    return summary
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--stage", type=int, choices=[0, 1, 2], required=True)
+    p.add_argument("--data", nargs="+", required=True, help="demonstration HDF5 files")
+    p.add_argument("--init", help="model file of the previous stage (stages 1 and 2)")
+    p.add_argument("--out", required=True, help="final model file")
+    p.add_argument("--metrics", required=True, help="final JSONL metrics file")
+    a = p.parse_args(argv)
+    cfg = from_dict(STAGE_CONFIGS[a.stage], load_block(a.config), STAGE_NAMES[a.stage])
+    if a.stage > 0 and not a.init:
+        p.error(f"--stage {a.stage} needs --init (the previous stage's model file)")
+    summary = run_stage(a.stage, cfg, [Path(f) for f in a.data], Path(a.out), Path(a.metrics),
+                        a, Path(a.init) if a.init else None)
+    print({k: (round(v, 5) if isinstance(v, float) and math.isfinite(v) else v)
+           for k, v in summary.items()})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+# QueST stage 1: observation encoders + SkillGPT prior on the frozen autoencoder (spec §4).
+
+
+rule prior:
+    input:
+        data=DATA_FILES,
+        init=rules.autoencoder.output.model,
+    output:
+        model=f"{RESULTS}/prior/model.pt",
+        metrics=f"{RESULTS}/prior/metrics.jsonl",
+    params:
+        cfg=as_json(config["prior"]),
+        code=source_hash("models", *TRAIN_CODE),
+    log:
+        f"{LOGS}/prior.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/prior.tsv"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=120,
+    shell:
+        "{PYTHON} -m ript.train.sft --stage 1 --data {input.data} --init {input.init} "
+        "--config {params.cfg:q} --out {output.model} --metrics {output.metrics} "
+        "{COMMON_ARGS} > {log} 2>&1"
