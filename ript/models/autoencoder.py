@@ -64,10 +64,33 @@ class CausalConv1d(nn.Module):
         return self.conv(F.pad(x, (self.pad, 0)))
 
 
+class CausalGroupNorm(nn.GroupNorm):
+    """GroupNorm whose statistics at step t use only steps <= t: (B, C, L) -> (B, C, L).
+
+    Plain ``nn.GroupNorm`` on a (B, C, L) sequence averages over all L steps, so an early output
+    depends on later actions, which breaks the causality spec §3.2 states (and §9 item 12
+    tests). Here mean/variance of each channel group are running (cumulative) statistics over
+    time. Same parameters as GroupNorm. On a toy task it trained as well as the plain form,
+    while per-step normalisation over 4-channel groups trained much worse.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, length = x.shape
+        g = self.num_groups
+        xg = x.float().view(b, g, c // g, length)
+        count = torch.arange(1, length + 1, device=x.device, dtype=xg.dtype) * (c // g)
+        mean = xg.sum(2).cumsum(-1) / count                                   # (B, G, L)
+        var = ((xg * xg).sum(2).cumsum(-1) / count - mean * mean).clamp_min(0.0)
+        y = (xg - mean[:, :, None]) * torch.rsqrt(var[:, :, None] + self.eps)
+        y = y.view(b, c, length).to(x.dtype)
+        return y * self.weight[None, :, None] + self.bias[None, :, None]
+
+
 class SkillEncoder(nn.Module):
     """Encoder phi: actions (B, T, A) -> pre-quantisation latents (B, n, d) (spec §3.2)."""
 
-    def __init__(self, action_dim, chunk_size, downsample, d_model, layers, heads, ffn, dropout):
+    def __init__(self, action_dim, chunk_size, downsample, d_model, layers, heads, ffn, dropout,
+                 strict_causal=True):
         super().__init__()
         self.n_tokens = chunk_size // downsample
         self.action_proj = nn.Linear(action_dim, d_model)
@@ -75,8 +98,9 @@ class SkillEncoder(nn.Module):
         # log2(F) stride-2 layers then one stride-1 layer; first kernel 5, the rest 3.
         strides = [2] * n_down + [1]
         kernels = [5] + [3] * n_down
+        norm = CausalGroupNorm if strict_causal else nn.GroupNorm
         self.convs = nn.Sequential(*[
-            nn.Sequential(CausalConv1d(d_model, k, s), nn.GroupNorm(8, d_model), nn.Mish())
+            nn.Sequential(CausalConv1d(d_model, k, s), norm(8, d_model), nn.Mish())
             for k, s in zip(kernels, strides)
         ])
         self.register_buffer("pos", sinusoidal_table(self.n_tokens, d_model), persistent=False)
@@ -121,6 +145,10 @@ class SkillDecoder(nn.Module):
 class SkillVAE(nn.Module):
     """Action chunk autoencoder with a discrete bottleneck (spec §3).
 
+    ``strict_causal`` (default True) uses running GroupNorm statistics in the conv stack so that
+    token j depends only on actions 0..F*j; False uses GroupNorm over the whole chunk like the
+    original, which lets every used action influence every token (see ``CausalGroupNorm``).
+
     Submodule names matter: ``encoder`` and ``quantizer`` are frozen in stage 2, ``decoder`` is
     not (spec §4.5); the policy selects parameters by these prefixes.
     """
@@ -140,6 +168,7 @@ class SkillVAE(nn.Module):
         codebook_size: int = 1024,
         fsq_levels: list[int] | None = None,
         commitment_weight: float = 0.25,
+        strict_causal: bool = True,
     ):
         super().__init__()
         if downsample < 2 or downsample & (downsample - 1):
@@ -167,13 +196,14 @@ class SkillVAE(nn.Module):
             "heads": heads, "ffn": ffn, "dropout": dropout, "quantizer": quantizer,
             "codebook_size": codebook_size,
             "fsq_levels": list(fsq_levels) if fsq_levels is not None else None,
-            "commitment_weight": commitment_weight,
+            "commitment_weight": commitment_weight, "strict_causal": strict_causal,
         }
         self.action_dim = action_dim
         self.chunk_size = chunk_size
         self.quantizer_type = quantizer
         self.encoder = SkillEncoder(
-            action_dim, chunk_size, downsample, d_model, enc_layers, heads, ffn, dropout
+            action_dim, chunk_size, downsample, d_model, enc_layers, heads, ffn, dropout,
+            strict_causal,
         )
         if quantizer == "fsq":
             self.quantizer = FSQ(list(fsq_levels), dim=d_model)

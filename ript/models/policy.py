@@ -110,7 +110,7 @@ class QuestPolicy(nn.Module):
         that wants train mode must call ``.train()`` itself.
         """
         self.eval()
-        context = self.obs_encoder(_to_device(obs, self.device), task.to(self.device))
+        context = self.obs_encoder(_to_device(obs, self.device), _as_tensor(task).to(self.device))
         tokens, logp, logp_topk = self.prior.sample(
             context, top_k=self.top_k, temperature=self.temperature, generator=generator,
             use_cache=True,
@@ -190,7 +190,8 @@ class QuestPolicy(nn.Module):
         with torch.no_grad():
             _, targets, _ = ae.encode(actions)
         ae.train(was_training)
-        task = batch["task_id"] if "task_id" in batch else batch["task_emb"]
+        by_id = isinstance(self.obs_encoder.task_encoder, nn.Embedding)
+        task = batch["task_id"] if by_id else batch["task_emb"]
         context = self.obs_encoder(batch["obs"], task)
         logits = self.prior.logits(context, targets)
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
@@ -212,7 +213,7 @@ class QuestPolicy(nn.Module):
         metrics["loss"] = loss.item()
         return loss, metrics
 
-    def trainable_parameters(self, stage: int) -> list[tuple[str, nn.Parameter]]:
+    def trainable_parameters(self, stage: int | str) -> list[tuple[str, nn.Parameter]]:
         """Named parameters updated in ``stage`` (spec §1, §4.3, §4.5, §5.7).
 
         0: autoencoder only; 1: everything but the autoencoder; 2: as 1 plus the autoencoder

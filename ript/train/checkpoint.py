@@ -49,22 +49,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def check_arch(path: str | Path, found: dict, expected: dict, what: str = "") -> None:
-    """Fail naming every architecture value that differs (e.g. `autoencoder.d_model: 128 vs 256`)."""
-    diffs = []
-    for key in sorted(set(found) | set(expected)):
-        a, b = found.get(key), expected.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            try:
-                check_arch(path, a, b, f"{what}{key}.")
-            except CheckpointError as e:
-                diffs.append(str(e).split(": architecture mismatch: ", 1)[1])
-        elif a != b:
-            diffs.append(f"{what}{key}: checkpoint has {a!r}, config asks {b!r}")
-    if diffs:
-        raise CheckpointError(f"{path}: architecture mismatch: {'; '.join(diffs)}")
-
-
 def load_resume_state(path: Path, resume_key: str) -> dict[str, Any] | None:
     """`ckpt/latest.pt` if it belongs to this exact run (same config and inputs), else None.
 

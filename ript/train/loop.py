@@ -115,7 +115,10 @@ def train_loop(model, loss_fn, groups, dataset: Dataset, cfg: OptimConfig, track
 
     loader = DataLoader(dataset, batch_sampler=EpochBatches(len(dataset), cfg.batch_size, seed,
                                                             step, cfg.steps),
-                        num_workers=cfg.num_workers, persistent_workers=False)
+                        num_workers=cfg.num_workers, persistent_workers=False,
+                        # its own generator: creating the iterator must not draw from the
+                        # global RNG, or a resumed run's dropout masks would shift
+                        generator=torch.Generator().manual_seed(seed))
     bar = progress(total=cfg.steps, initial=step, desc=tracker.stage)
     last = {}
     for batch in loader:

@@ -142,8 +142,6 @@ def build_model(stage: int, cfg, init: Path | None, prev: dict | None,
     if stage == 0:
         return SkillVAE(**cfg.arch(dataset.action_dim))
     if stage == 1:
-        if prev.get("kind") != "autoencoder":
-            raise ckpt.CheckpointError(f"{init}: stage 1 needs the stage-0 autoencoder file")
         ae = SkillVAE(**prev["arch"])
         ckpt.load_weights(init, ae, prev["state_dict"])
         if ae.action_dim != dataset.action_dim:
@@ -156,8 +154,6 @@ def build_model(stage: int, cfg, init: Path | None, prev: dict | None,
         prior = SkillGPT(ae.vocab_size, ae.n_tokens, cfg.d_model, cfg.layers, cfg.heads,
                          cfg.ffn, cfg.dropout)
         return QuestPolicy(ae, enc, prior, cfg.action_horizon, cfg.top_k, cfg.temperature)
-    if prev.get("kind") != "policy":
-        raise ckpt.CheckpointError(f"{init}: stage 2 needs a stage-1 policy file")
     policy = QuestPolicy.from_arch(prev["arch"])
     ckpt.load_weights(init, policy, prev["state_dict"])
     return policy
@@ -168,6 +164,11 @@ def run_stage(stage: int, cfg, files: list[Path], out: Path, metrics_out: Path, 
     seed_everything(args.seed)
     meta = data_meta(files)
     prev = ckpt.load(init) if stage > 0 else None
+    needed = {1: "autoencoder", 2: "policy"}.get(stage)
+    if prev is not None and prev.get("kind") != needed:
+        what = "the stage-0 autoencoder" if stage == 1 else "a stage-1 policy"
+        raise ckpt.CheckpointError(f"{init}: stage {stage} needs {what} file, "
+                                   f"got kind={prev.get('kind')!r}")
     if stage == 0:
         obs_keys, chunk = None, cfg.chunk_size
     elif stage == 1:

@@ -1,0 +1,112 @@
+"""Throughput / latency benchmark for ript.models on CPU.
+
+Usage: python benchmarks/bench_models.py [--quick] [--threads N]
+
+Prints training samples/s for stage 0 (autoencoder) and stage 1 (encoders + prior) and the
+latency of sampling one 8-token chunk with and without the KV cache (spec §4.4, §9 item 8), at a
+small CPU size and at the paper size (spec §3.1, §4.1, §4.2; low-dim obs + one 128 px camera).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from ript.models import ObsEncoder, QuestPolicy, SkillGPT, SkillVAE
+
+LOWDIM = {"joint_states": 7, "ee_pos": 3, "gripper_states": 2}
+
+
+def build(size: str) -> QuestPolicy:
+    if size == "small":
+        vae = SkillVAE(7, d_model=128, enc_layers=2, dec_layers=2, heads=4, ffn=512)
+        enc = ObsEncoder(LOWDIM, [], d_model=128, n_tasks=10)
+        prior = SkillGPT(vae.vocab_size, vae.n_tokens, d_model=128, layers=4, heads=4, ffn=512)
+    else:  # paper defaults
+        vae = SkillVAE(7)
+        enc = ObsEncoder(LOWDIM, ["agentview_rgb"], task_emb_dim=512)
+        prior = SkillGPT(vae.vocab_size, vae.n_tokens)
+    return QuestPolicy(vae, enc, prior)
+
+
+def make_batch(policy: QuestPolicy, b: int) -> dict:
+    obs = {k: torch.randn(b, d) for k, d in LOWDIM.items()}
+    for k in policy.obs_encoder.rgb_keys:
+        obs[k] = torch.randint(0, 256, (b, 3, 128, 128), dtype=torch.uint8)
+    if policy.obs_encoder.arch["n_tasks"] is not None:
+        task = {"task_id": torch.randint(0, 10, (b,))}
+    else:
+        task = {"task_emb": torch.randn(b, 512)}
+    return {"actions": torch.rand(b, 32, 7) * 2 - 1, "obs": obs, **task}
+
+
+def train_rate(policy: QuestPolicy, stage: int, b: int, iters: int) -> float:
+    policy.train()
+    params = policy.trainable_parameters(stage)
+    opt = torch.optim.AdamW(policy.param_groups(params, 1e-4), lr=1e-4)
+    batch = make_batch(policy, b)
+
+    def step():
+        loss, _ = policy.stage_loss(batch, stage)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in params], 100.0)
+        opt.step()
+
+    step()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    return b * iters / (time.perf_counter() - t0)
+
+
+def sample_latency_ms(policy: QuestPolicy, b: int, use_cache: bool, reps: int) -> float:
+    policy.eval()
+    ctx = torch.randn(b, 2, policy.prior.d_model)
+    policy.prior.sample(ctx, use_cache=use_cache)  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        policy.prior.sample(ctx, top_k=5, use_cache=use_cache)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="few iterations (smoke run)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    iters = {"small": 3 if args.quick else 20, "paper": 2 if args.quick else 5}
+    batch = {"small": 64, "paper": 32}
+    reps = 5 if args.quick else 30
+
+    rows = []
+    for size in ("small", "paper"):
+        policy = build(size)
+        n_par = sum(p.numel() for p in policy.parameters()) / 1e6
+        r0 = train_rate(policy, 0, batch[size], iters[size])
+        r1 = train_rate(policy, 1, batch[size], iters[size])
+        lat = {(b, c): sample_latency_ms(policy, b, c, reps) for b in (1, 16) for c in (True, False)}
+        rows.append((size, n_par, batch[size], r0, r1, lat))
+
+    load = os.getloadavg()[0]
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"{'quick' if args.quick else 'full'} run, 1-min load avg {load:.1f} on "
+          f"{os.cpu_count()} CPUs (other processes distort the figures)")
+    print(f"{'size':<6} {'params':>8} {'batch':>5} {'st0 samp/s':>10} {'st1 samp/s':>10} "
+          f"{'b1 kv ms':>9} {'b1 nokv':>8} {'b16 kv':>7} {'b16 nokv':>8}")
+    for size, n_par, b, r0, r1, lat in rows:
+        print(f"{size:<6} {n_par:>7.1f}M {b:>5} {r0:>10.1f} {r1:>10.1f} "
+              f"{lat[1, True]:>9.2f} {lat[1, False]:>8.2f} {lat[16, True]:>7.2f} "
+              f"{lat[16, False]:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()

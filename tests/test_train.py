@@ -1,0 +1,174 @@
+"""QueST stages 0-2 through their real CLI on real demonstrations: learning, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ript.config import from_dict
+from ript.data.metaworld_demos import DataConfig, generate, write_demos
+from ript.tracking import read_jsonl
+from ript.train import checkpoint as ckpt
+from ript.train.sft import main
+
+TINY_AE = {"d_model": 32, "enc_layers": 1, "dec_layers": 1, "heads": 2, "ffn": 64}
+TINY_PRIOR = {"lowdim_keys": ["obs_gt"], "d_model": 32, "layers": 1, "heads": 2, "ffn": 64}
+
+
+def _train(steps, **kw):
+    return {"steps": steps, "batch_size": 32, "lr": 1e-3, "lr_min": 1e-4, "log_every": 10,
+            "checkpoint_every": 10, **kw}
+
+
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory):
+    d = tmp_path_factory.mktemp("demos")
+    cfg = from_dict(DataConfig, {"tasks": ["reach-v3", "drawer-close-v3"], "demos_per_task": 3,
+                                 "max_episode_steps": 150})
+    files = []
+    for task in cfg.tasks:
+        generate(task, cfg, seed=0, out=d / f"{task}.hdf5")
+        files.append(str(d / f"{task}.hdf5"))
+    return files
+
+
+def _cli(stage, files, out: Path, cfg, init=None, extra=()):
+    args = ["--stage", str(stage), "--data", *files, "--config", json.dumps(cfg),
+            "--out", str(out), "--metrics", str(out.with_suffix(".jsonl")),
+            "--experiment-dir", str(out.parent), "--no-mlflow", *extra]
+    if init:
+        args += ["--init", str(init)]
+    return args
+
+
+@pytest.fixture(scope="module")
+def stage0(demos, tmp_path_factory):
+    out = tmp_path_factory.mktemp("s0") / "model.pt"
+    main(_cli(0, demos, out, {**TINY_AE, "train": _train(150)}))
+    return out
+
+
+def test_stage0_reconstruction_loss_falls(stage0):
+    rows = read_jsonl(stage0.with_suffix(".jsonl"))
+    assert rows[-1]["step"] == 150
+    assert rows[-1]["recon_l1"] < 0.6 * rows[0]["recon_l1"]
+    model = ckpt.load(stage0)
+    assert model["kind"] == "autoencoder" and model["arch"]["action_dim"] == 4
+
+
+def test_stage1_ce_falls_and_autoencoder_stays_frozen(demos, stage0, tmp_path):
+    out = tmp_path / "prior.pt"
+    main(_cli(1, demos, out, {**TINY_PRIOR, "train": _train(150)}, init=stage0))
+    rows = read_jsonl(out.with_suffix(".jsonl"))
+    assert rows[-1]["ce"] < 0.7 * rows[0]["ce"]
+    policy, meta = ckpt.load_policy(out)
+    ae = ckpt.load(stage0)["state_dict"]
+    for k, v in policy.autoencoder.state_dict().items():
+        assert torch.equal(v, ae[k]), f"stage 1 changed the frozen autoencoder ({k})"
+    assert meta["obs_keys"] == ["obs_gt"] and meta["data"]["tasks"] == ["reach-v3",
+                                                                          "drawer-close-v3"]
+    # stage 2: the decoder moves, the encoder does not
+    ft = tmp_path / "finetune.pt"
+    main(_cli(2, demos, ft, {"enabled": True, "l1_weight": 10.0, "train": _train(20)}, init=out))
+    before, after = ckpt.load(out)["state_dict"], ckpt.load(ft)["state_dict"]
+    changed = {k.split(".")[1] for k in before
+               if k.startswith("autoencoder.") and not torch.equal(before[k], after[k])}
+    assert changed == {"decoder"}
+
+
+def test_resume_after_kill_equals_uninterrupted_run(demos, tmp_path):
+    cfg = {**TINY_AE, "train": _train(240, checkpoint_every=20)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same threads, same float summation order
+
+    def cmd(out):
+        return [sys.executable, "-m", "ript.train.sft", *_cli(0, demos, out, cfg)]
+
+    straight = tmp_path / "straight" / "model.pt"
+    subprocess.run(cmd(straight), check=True, capture_output=True, env=env)
+    killed = tmp_path / "killed" / "model.pt"
+    proc = subprocess.Popen(cmd(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env)
+    latest = killed.parent / "ckpt" / "latest.pt"
+    deadline = time.time() + 120
+    while not latest.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not killed.exists(), "the run finished before it could be killed"
+    step_at_kill = ckpt.load(latest)["step"]
+    assert 0 < step_at_kill < 240
+    subprocess.run(cmd(killed), check=True, capture_output=True, env=env)  # resumes
+    a, b = ckpt.load(straight)["state_dict"], ckpt.load(killed)["state_dict"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows = read_jsonl(killed.with_suffix(".jsonl"))
+    assert [r["step"] for r in rows] == list(range(10, 241, 10))  # one continuous curve
+
+
+def test_checkpoint_from_other_settings_is_not_resumed(demos, tmp_path):
+    out = tmp_path / "model.pt"
+    main(_cli(0, demos, out, {**TINY_AE, "train": _train(20)}))
+    with pytest.warns(UserWarning, match="other settings"):
+        main(_cli(0, demos, out, {**TINY_AE, "train": _train(30)}))
+    assert read_jsonl(out.with_suffix(".jsonl"))[0]["step"] == 10
+
+
+def test_wrong_action_dim_and_architecture_are_named(demos, stage0, tmp_path):
+    bad = ckpt.load(stage0)
+    bad["arch"] = {**bad["arch"], "action_dim": 7}
+    ckpt.save(tmp_path / "ae7.pt", bad)
+    with pytest.raises(ckpt.CheckpointError, match="action_dim|shape"):
+        main(_cli(1, demos, tmp_path / "p.pt", {**TINY_PRIOR, "train": _train(5)},
+                  init=tmp_path / "ae7.pt"))
+    with pytest.raises(ckpt.CheckpointError, match="stage 1 needs the stage-0 autoencoder"):
+        prior = tmp_path / "prior.pt"
+        main(_cli(1, demos, prior, {**TINY_PRIOR, "train": _train(5)}, init=stage0))
+        main(_cli(1, demos, tmp_path / "p2.pt", {**TINY_PRIOR, "train": _train(5)}, init=prior))
+    wide = ckpt.load(stage0)
+    wide["arch"] = {**wide["arch"], "d_model": 64}
+    ckpt.save(tmp_path / "wide.pt", wide)
+    with pytest.raises(ckpt.CheckpointError, match="has shape"):
+        main(_cli(1, demos, tmp_path / "p3.pt", {**TINY_PRIOR, "train": _train(5)},
+                  init=tmp_path / "wide.pt"))
+    with pytest.raises(ckpt.CheckpointError, match="cannot read checkpoint"):
+        (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+        ckpt.load_policy(tmp_path / "junk.pt")
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    rng = np.random.default_rng(0)
+    demos = []
+    for i in range(4):
+        T = 40
+        actions = rng.uniform(-1, 1, (T, 4)).astype(np.float32)
+        demos.append({"obs": {"obs_gt": rng.normal(size=(T, 39)).astype(np.float32)},
+                      "actions": actions, "states": np.zeros((T, 3)),
+                      "rewards": np.zeros(T, np.float32), "dones": np.eye(T, dtype=np.uint8)[-1],
+                      "success": True, "rand_vec": np.zeros(6), "variant": i, "seed": i})
+    f = tmp_path / "nan.hdf5"
+    write_demos(f, demos, {"task": "reach-v3", "task_id": 43, "env_name": "metaworld"},
+                "reach-v3", 43)
+    out = tmp_path / "model.pt"
+    with pytest.raises(FloatingPointError, match="non-finite loss.*last good checkpoint"):
+        main(_cli(0, [str(f)], out, {**TINY_AE, "train": _train(
+            200, lr=1e12, lr_min=1e12, checkpoint_every=1, grad_clip=1e30)}))
+    assert not out.exists()
+    last = ckpt.load(out.parent / "ckpt" / "latest.pt")
+    assert all(torch.isfinite(v).all() for v in last["model"].values()
+               if v.is_floating_point())
+
+
+def test_unknown_config_key_is_named(demos, tmp_path):
+    from ript.config import ConfigError
+
+    with pytest.raises(ConfigError, match="autoencoder: unknown key.*d_modle"):
+        main(_cli(0, demos, tmp_path / "m.pt", {"d_modle": 32}))
