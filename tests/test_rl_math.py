@@ -102,6 +102,8 @@ def test_early_stop_threshold():
     # ⌊0.29 × 100⌋ = 29 even though 0.29*100 = 28.999... in floating point.
     assert not should_stop(28, 0.29, 100) and should_stop(29, 0.29, 100)
     assert not should_stop(179, 1.0, 180) and should_stop(180, 1.0, 180)
+    # floor, not round/ceil: ⌊0.8 × 181⌋ = ⌊144.8⌋ = 144.
+    assert not should_stop(143, 0.8, 181) and should_stop(144, 0.8, 181)
 
 
 # ----------------------------------------------------------------------------- surrogate
@@ -455,7 +457,7 @@ def test_ratio_check_and_nan():
     # NaN log-probs → FloatingPointError, weights untouched.
     buf_ok = _policy_buffer(pol, [1.0, -1.0])
     w0 = pol.lin.weight.detach().clone()
-    with pytest.raises(FloatingPointError):
+    with pytest.raises(FloatingPointError, match="PPO loss"):
         ppo_update(
             lambda c, t: pol.log_prob(c, t) * float("nan"),
             list(pol.parameters()),

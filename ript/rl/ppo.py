@@ -105,8 +105,9 @@ def aggregate_loss(
     zeros = torch.zeros(n_episodes, dtype=masked.dtype, device=dev)
     ep_sum = zeros.index_add(0, episode_index, masked.sum(-1))
     ep_cnt = zeros.index_add(0, episode_index, torch.full_like(masked[:, 0], float(n_tok)))
-    ep_mean = ep_sum / ep_cnt.clamp_min(1.0)  # a valid episode with 0 rows contributes 0
-    ep_mean = torch.where(valid_episode.to(dev), ep_mean, 0.0)
+    # Invalid episodes have ep_sum = 0 (their rows were masked above) and so contribute 0;
+    # clamp: an episode slot without rows also gives 0 instead of 0/0.
+    ep_mean = ep_sum / ep_cnt.clamp_min(1.0)
     return ep_mean.sum() / n_episodes
 
 
@@ -262,7 +263,7 @@ def ppo_update(
                     )
                 if not stepped_once and ratio_check_tol is not None:
                     dev_max = float((logp_new.detach() - batch.logp_old).exp().sub(1).abs().max())
-                    if False:
+                    if dev_max > ratio_check_tol:
                         _clear_grads()
                         raise RuntimeError(
                             f"PPO ratio is not 1 before the first update (max |ρ−1| = "

@@ -1,0 +1,114 @@
+"""Rollout collection for one RIPT iteration (spec §5.3, Algorithm 1 steps 2-3).
+
+Per context, K stochastic episodes from the current policy; binary success reward (§5.4);
+leave-one-out advantages (§5.1); dynamic sampling drops groups whose K rewards are all equal and
+draws further contexts until this rank has its share of informative groups, the global early-stop
+fraction is reached across ranks, or the cap on rejected groups is hit (the original had no cap
+and could loop forever, §8 B3). A rank with zero groups returns an empty list, not a crash.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ript.data.dataset import Context
+from ript.envs.runner import episode_contexts
+from ript.rl.advantages import DynamicSampler, leave_one_out_advantages, should_stop
+from ript.rl.buffer import Episode
+
+
+def derived_seed(*parts: int) -> int:
+    """A 31-bit seed from several integers (seed, rank, iteration, ...), stable across runs."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] >> 1)
+
+
+class ContextSampler:
+    """Endless reshuffled stream over this rank's share of the context set (spec §5.2).
+
+    `position` is all the state there is (the permutation of epoch e is derived from (seed, e)),
+    so a resumed run draws exactly the contexts the interrupted one would have drawn.
+    """
+
+    def __init__(self, contexts: list[Context], seed: int, rank: int = 0, world: int = 1):
+        self.contexts = contexts[rank::world] or contexts[:1]
+        self.seed, self.rank = seed, rank
+        self.position = 0
+
+    def next(self) -> Context:
+        epoch, pos = divmod(self.position, len(self.contexts))
+        g = torch.Generator().manual_seed(derived_seed(self.seed, self.rank, epoch))
+        perm = torch.randperm(len(self.contexts), generator=g)
+        self.position += 1
+        return self.contexts[int(perm[pos])]
+
+
+@dataclass
+class CollectStats:
+    groups_kept: int = 0
+    groups_rejected: int = 0
+    episodes: int = 0
+    successes: int = 0
+    env_steps: int = 0
+    errors: int = 0
+    stop_reason: str = ""
+
+
+def collect(runner, policy, sampler: ContextSampler, *, group_size: int, target_groups: int,
+            global_target: int, max_rejected: int, dynamic_sampling: bool,
+            early_stop_fraction: float, seed: int, iteration: int, dist) -> tuple[list[Episode],
+                                                                                   CollectStats]:
+    """Collect this rank's informative groups; `target_groups` is the per-rank share."""
+    sampler_state = DynamicSampler(target_groups, max_rejected, dynamic_sampling)
+    stats = CollectStats()
+    episodes: list[Episode] = []
+    # As many contexts per runner call as fill its env slots: one batched policy call per tick.
+    per_call = max(1, math.ceil(runner.n_envs / group_size))
+    call = 0
+    while True:
+        if not sampler_state.done:
+            ctxs = [sampler.next() for _ in range(per_call)]
+            call_seed = derived_seed(seed, dist.rank, iteration, call)
+            records = runner.run(policy, episode_contexts(ctxs, group_size, call_seed),
+                                 seed=call_seed, capture_rl=True)
+            call += 1
+            groups = defaultdict(list)
+            for rec in records:
+                groups[rec.context_id].append(rec)
+                stats.episodes += 1
+                stats.successes += int(rec.success)
+                stats.env_steps += rec.length
+                stats.errors += int(rec.error is not None)
+            for ctx in ctxs:
+                if sampler_state.done:
+                    break  # keep every rank's buffer the same size (padding lines up minibatches)
+                group = groups.pop(ctx.context_id, [])
+                rewards = np.array([float(r.success) for r in group])
+                if len(group) != group_size or not sampler_state.offer(rewards):
+                    continue
+                adv = leave_one_out_advantages(rewards[None])[0]
+                for rec, a in zip(group, adv):
+                    episodes.append(Episode(
+                        context_id=rec.context_id, task_id=policy_task_id(rec.task),
+                        success=bool(rec.success), contexts=rec.contexts, tokens=rec.tokens,
+                        logp=rec.logp, valid_steps=rec.valid_steps, advantage=float(a)))
+        accepted, ranks_done = dist.sum([sampler_state.accepted, float(sampler_state.done)])
+        if should_stop(int(accepted), early_stop_fraction, global_target):
+            stats.stop_reason = "early_stop"
+            break
+        if ranks_done >= dist.world:
+            stats.stop_reason = sampler_state.stop_reason or "target"
+            break
+    stats.groups_kept = sampler_state.accepted
+    stats.groups_rejected = sampler_state.rejected
+    return episodes, stats
+
+
+def policy_task_id(task: str) -> int:
+    from ript.envs.metaworld import task_id
+
+    return task_id(task)

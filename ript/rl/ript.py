@@ -1,0 +1,281 @@
+"""Stage 'ript': interactive post-training of the QueST prior (RIPT-VLA, spec §5).
+
+Each iteration: collect K-rollout groups with dynamic sampling (ript.rl.collect), then run N
+epochs of token-level clipped PPO on the cached (context, token) pairs (ript.rl.ppo). Only the
+SkillGPT prior is trained, as in the original (§5.7): contexts are cached tensors, so no gradient
+can reach the encoders, and the action decoder stays frozen.
+
+    python -m ript.rl.ript --init results/x/prior/model.pt --data results/x/data/*.hdf5 \
+        --config '{...}' --out model.pt --metrics metrics.jsonl --experiment-dir results/x
+    torchrun --nproc_per_node 2 -m ript.rl.ript ...     # contexts split across ranks
+
+Resumes per iteration from `<out dir>/ckpt/latest.pt`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ript.config import from_dict, require, to_dict
+from ript.data.dataset import load_contexts
+from ript.envs.metaworld import ObsSpec, variant_split
+from ript.envs.runner import EpisodeContext, MetaWorldRunner
+from ript.rl.buffer import RolloutBuffer
+from ript.rl.collect import ContextSampler, collect, derived_seed
+from ript.rl.distributed import Dist
+from ript.rl.ppo import PPOConfig, ppo_update, token_entropy
+from ript.stage import add_common_args, load_block, stage_tracker
+from ript.train import checkpoint as ckpt
+from ript.train.loop import decay_groups
+from ript.utils import progress, seed_everything, stable_hash
+
+
+@dataclass
+class RiptConfig:
+    """Block `ript` (spec §5.9; defaults = the shipped LIBERO scripts)."""
+
+    iterations: int = 15
+    """RIPT iterations (rollout collection + PPO); 15 for LIBERO-90, 30 for the suites."""
+    group_size: int = 8
+    """K rollouts per context (the paper reports K = 16, the scripts use 8)."""
+    contexts_per_iteration: int = 180
+    """Target informative groups per iteration, over all ranks."""
+    dynamic_sampling: bool = True
+    """Drop groups whose K rewards are all equal and draw further contexts (§5.1)."""
+    early_stop_fraction: float = 0.8
+    """Stop collecting once this fraction of the target is reached over all ranks."""
+    max_rejected_groups: int = 720
+    """Cap on rejected groups per rank and iteration (bounds collection; §8 B3)."""
+    ppo_epochs: int = 20
+    """PPO passes over each iteration's buffer."""
+    minibatch_episodes: int = 6
+    """Episodes per PPO minibatch over all ranks."""
+    lr: float = 1e-6
+    """AdamW learning rate of the prior (constant, as the original effectively is, §8 B8)."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay on Linear weights."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip."""
+    clip_low: float = 0.2
+    """PPO ε below 1 (ratio ≥ 1 − clip_low)."""
+    clip_high: float = 0.2
+    """PPO ε above 1 (ratio ≤ 1 + clip_high); asymmetric clipping when ≠ clip_low."""
+    token_level_mean: bool = True
+    """Average the loss over all valid tokens of a minibatch (else per episode, §5.6)."""
+    kl_coef: float = 0.0
+    """Optional KL(π_θ ‖ π_SFT) penalty; off as in the original (whose kl_coef was unused)."""
+    max_episode_steps: int = 500
+    """Step limit of a rollout (500 in MetaWorld, 600 in LIBERO)."""
+    n_envs: int = 16
+    """Concurrent episodes (= the policy's batch during rollouts)."""
+    n_workers: int = 2
+    """Environment worker processes."""
+    eval_every: int = 1
+    """Evaluate on held-out contexts every this many iterations (and before the first)."""
+    eval_episodes_per_task: int = 10
+    """Held-out episodes per task at each in-training evaluation."""
+
+    def validate(self) -> None:
+        require(self.group_size >= 2, "ript.group_size", "K must be >= 2 (leave-one-out)")
+        for k in ("iterations", "contexts_per_iteration", "max_rejected_groups", "n_envs",
+                  "minibatch_episodes", "eval_every", "eval_episodes_per_task"):
+            require(getattr(self, k) >= 1, f"ript.{k}", "must be >= 1")
+        require(self.ppo_epochs >= 0, "ript.ppo_epochs", "must be >= 0")
+        require(0 < self.early_stop_fraction <= 1, "ript.early_stop_fraction", "must be in (0, 1]")
+        require(0 <= self.clip_low < 1 and self.clip_high >= 0, "ript.clip_low",
+                "needs 0 <= clip_low < 1 and clip_high >= 0")
+        require(self.lr > 0 and self.grad_clip > 0, "ript.lr", "lr and grad_clip must be > 0")
+        require(self.n_workers >= 0 and self.kl_coef >= 0, "ript.n_workers",
+                "n_workers and kl_coef must be >= 0")
+
+
+def heldout_contexts(tasks: list[str], episodes: int, eval_variants: int,
+                     seed: int) -> list[EpisodeContext]:
+    """Evaluation contexts: the held-out variants of each task, cycled (never the demos')."""
+    _, variants = variant_split(eval_variants)
+    out = []
+    for task in tasks:
+        for i in range(episodes):
+            v = variants[i % len(variants)]
+            out.append(EpisodeContext(len(out), task, v, derived_seed(seed, v, i, len(task))))
+    return out
+
+
+class Ript:
+    """One RIPT run: policy, optimizer, context sampler, runner; `step()` is one iteration."""
+
+    def __init__(self, cfg: RiptConfig, init: Path, files: list[Path], seed: int, dist: Dist):
+        self.cfg, self.seed, self.dist = cfg, seed, dist
+        self.policy, self.meta = ckpt.load_policy(init)
+        self.policy.to(dist.device)
+        self.policy.freeze_for_stage("rl")
+        named = self.policy.rl_parameters()
+        self.params = [p for _, p in named]
+        self.opt = torch.optim.AdamW(decay_groups(self.policy, named, cfg.weight_decay), lr=cfg.lr)
+        self.contexts = load_contexts(files)
+        self.sampler = ContextSampler(self.contexts, seed, dist.rank, dist.world)
+        data = self.meta["data"]
+        self.tasks = sorted({c.task for c in self.contexts})
+        self.eval_variants = data["eval_variants"]
+        self.runner = MetaWorldRunner(ObsSpec(data["image"], data["image_size"]), cfg.n_envs,
+                                      cfg.n_workers, cfg.max_episode_steps)
+        self.ppo = PPOConfig(cfg.clip_low, cfg.clip_high, cfg.token_level_mean, cfg.kl_coef)
+        self.reference = None
+        if cfg.kl_coef > 0:
+            self.reference, _ = ckpt.load_policy(init)
+            self.reference.to(dist.device)
+        # Per-rank buffer size and minibatch (spec §5.3 step 3, §5.6).
+        self.rank_groups = math.ceil(cfg.contexts_per_iteration / dist.world)
+        self.rank_minibatch = max(1, cfg.minibatch_episodes // dist.world)
+
+    def state(self, iteration: int, run_id: str | None, resume_key: str) -> dict:
+        positions = self.dist.sum([self.sampler.position if r == self.dist.rank else 0
+                                   for r in range(self.dist.world)])
+        return {"policy": self.policy.state_dict(), "optimizer": self.opt.state_dict(),
+                "rng": ckpt.rng_state(), "iteration": iteration, "resume_key": resume_key,
+                "sampler_positions": [int(p) for p in positions], "mlflow_run_id": run_id}
+
+    def restore(self, state: dict) -> int:
+        self.policy.load_state_dict(state["policy"])
+        self.opt.load_state_dict(state["optimizer"])
+        ckpt.set_rng_state(state["rng"])
+        self.sampler.position = state["sampler_positions"][self.dist.rank]
+        return state["iteration"]
+
+    def evaluate(self, iteration: int) -> dict[str, float]:
+        """Held-out success per task, split across ranks and summed."""
+        ctxs = heldout_contexts(self.tasks, self.cfg.eval_episodes_per_task, self.eval_variants,
+                                self.seed)[self.dist.rank::self.dist.world]
+        recs = self.runner.run(self.policy, ctxs, seed=derived_seed(self.seed, 7, iteration,
+                                                                    self.dist.rank))
+        sums = self.dist.sum([sum(r.success for r in recs if r.task == t) for t in self.tasks]
+                             + [sum(r.task == t for r in recs) for t in self.tasks])
+        n = len(self.tasks)
+        per_task = {f"eval_success/{t}": s / max(c, 1)
+                    for t, s, c in zip(self.tasks, sums[:n], sums[n:])}
+        return {"eval_success": sum(sums[:n]) / max(sum(sums[n:]), 1), **per_task}
+
+    def step(self, iteration: int) -> dict[str, float]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        episodes, st = collect(
+            self.runner, self.policy, self.sampler, group_size=cfg.group_size,
+            target_groups=self.rank_groups, global_target=cfg.contexts_per_iteration,
+            max_rejected=cfg.max_rejected_groups, dynamic_sampling=cfg.dynamic_sampling,
+            early_stop_fraction=cfg.early_stop_fraction, seed=self.seed, iteration=iteration,
+            dist=self.dist)
+        t1 = time.perf_counter()
+        buffer = RolloutBuffer(episodes)
+        buffer.pad_to(self.rank_groups * cfg.group_size)
+        entropy = self._entropy(buffer)
+        self.policy.eval()  # ℓ_new and ℓ_old both without dropout (spec §5.5, §8 B15)
+        ref = self.reference.log_prob if self.reference is not None else None
+        upd = ppo_update(
+            self.policy.log_prob, self.params, self.opt, buffer, self.ppo, cfg.ppo_epochs,
+            self.rank_minibatch, cfg.grad_clip,
+            torch.Generator().manual_seed(derived_seed(self.seed, self.dist.rank, iteration, 3)),
+            all_reduce_grads=self.dist.average_grads if self.dist.enabled else None,
+            ref_log_prob_fn=ref)
+        t2 = time.perf_counter()
+        s = self.dist.sum([st.episodes, st.successes, st.env_steps, st.groups_kept,
+                           st.groups_rejected, st.errors])
+        return {"train_success": s[1] / max(s[0], 1), "episodes": s[0], "env_steps": s[2],
+                "groups_kept": s[3], "groups_rejected": s[4], "episode_errors": s[5],
+                "rollout_seconds": t1 - t0, "update_seconds": t2 - t1,
+                "env_steps_per_s": st.env_steps / max(t1 - t0, 1e-9), "token_entropy": entropy,
+                **{k: v for k, v in upd.items() if isinstance(v, (int, float))}}
+
+    @torch.no_grad()
+    def _entropy(self, buffer: RolloutBuffer) -> float:
+        valid = [e for e in buffer.episodes if e.valid]
+        if not valid:
+            return float("nan")
+        ctx = torch.cat([e.contexts[:e.valid_steps] for e in valid]).to(self.dist.device)
+        tok = torch.cat([e.tokens[:e.valid_steps] for e in valid]).to(self.dist.device)
+        self.policy.eval()
+        return float(token_entropy(self.policy.prior.logits(ctx, tok)))
+
+    def close(self):
+        self.runner.close()
+
+
+def run(args, cfg: RiptConfig) -> dict:
+    dist = Dist()
+    seed_everything(args.seed)
+    out, files = Path(args.out), [Path(f) for f in args.data]
+    ript = Ript(cfg, Path(args.init), files, args.seed, dist)
+    ckpt_dir = out.parent / "ckpt"
+    resume_key = stable_hash({"cfg": to_dict(cfg), "seed": args.seed, "world": dist.world,
+                              "inputs": [(str(f), f.stat().st_size) for f in
+                                         [*files, Path(args.init)]]})
+    resume = ckpt.load_resume_state(ckpt_dir / "latest.pt", resume_key)
+    start = ript.restore(resume) if resume else 0
+    args.no_mlflow = args.no_mlflow or not dist.is_main
+    tracker = stage_tracker(args, "ript", to_dict(cfg), metrics=ckpt_dir / "metrics.jsonl",
+                            run_id=resume["mlflow_run_id"] if resume else None)
+    if dist.is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    last: dict = {}
+    try:
+        with tracker:
+            if dist.is_main:
+                if resume:
+                    tracker.truncate_after(start)
+                elif tracker.metrics_path.exists():
+                    tracker.metrics_path.unlink()
+            if start == 0:  # the SFT policy's held-out success, iteration 0 of the curves
+                last = ript.evaluate(0)
+                _log(dist, tracker, last, 0)
+            for it in progress(range(start, cfg.iterations), desc="ript", initial=start,
+                               total=cfg.iterations, disable=not dist.is_main or None):
+                metrics = ript.step(it)
+                if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations:
+                    metrics.update(ript.evaluate(it + 1))
+                _log(dist, tracker, metrics, it + 1)
+                last = {**last, **metrics}
+                state = ript.state(it + 1, tracker.run_id, resume_key)
+                if dist.is_main:
+                    ckpt.save(ckpt_dir / "latest.pt", state)
+            if dist.is_main:
+                meta = {**ript.meta, "stage": "ript", "ript_iterations": cfg.iterations}
+                ckpt.save(out, {"kind": "policy", "arch": ript.policy.arch, "meta": meta,
+                                "state_dict": {k: v.cpu() for k, v in
+                                               ript.policy.state_dict().items()}})
+                tracker.export_metrics(args.metrics)
+                tracker.log_artifact(args.metrics)
+                tracker.log_artifact(out)
+    finally:
+        ript.close()
+        dist.barrier()
+        dist.close()
+    return last
+
+
+def _log(dist: Dist, tracker, metrics: dict, step: int) -> None:
+    if dist.is_main:
+        tracker.log_metrics(metrics, step)
+        keys = ("train_success", "eval_success", "groups_kept", "groups_rejected", "clip_frac")
+        print(f"ript iteration {step}: " + ", ".join(
+            f"{k} {metrics[k]:.3g}" for k in keys if k in metrics), flush=True)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--init", required=True, help="SFT policy file (stage 1 or 2)")
+    p.add_argument("--data", nargs="+", required=True, help="demonstration files (contexts)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--metrics", required=True)
+    a = p.parse_args(argv)
+    cfg = from_dict(RiptConfig, load_block(a.config), "ript")
+    run(a, cfg)
+
+
+if __name__ == "__main__":
+    main()
