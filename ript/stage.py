@@ -44,6 +44,15 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline-id", default="manual",
                    help="tag shared by all runs of one pipeline (experiment + config hash)")
     p.add_argument("--no-mlflow", action="store_true", help="only write the JSONL metrics")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (more than the free cores makes OpenMP spin: 30x "
+                        "slower on a busy 2-core machine)")
+
+
+def setup_threads(args) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
 
 
 def stage_tracker(args, stage: str, config: dict[str, Any], *, metrics: str | Path,

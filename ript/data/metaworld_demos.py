@@ -163,13 +163,14 @@ def write_demos(out: str | Path, demos: list[dict], attrs: dict, task: str, tid:
 
 
 def main(argv=None) -> None:
-    from ript.stage import add_common_args, load_block, stage_tracker
+    from ript.stage import add_common_args, load_block, setup_threads, stage_tracker
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_common_args(p)
     p.add_argument("--task", required=True)
     p.add_argument("--out", required=True, help="HDF5 file to write")
     a = p.parse_args(argv)
+    setup_threads(a)
     cfg = from_dict(DataConfig, load_block(a.config), "data")
     check_task(a.task)
     out = Path(a.out)

@@ -18,19 +18,20 @@ import argparse
 import math
 import time
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 import torch
 
 from ript.config import from_dict, require, to_dict
-from ript.data.dataset import load_contexts
-from ript.envs.metaworld import ObsSpec, variant_split
+from ript.data.dataset import Context, load_contexts
+from ript.envs.metaworld import ObsSpec, task_id, variant_split
 from ript.envs.runner import EpisodeContext, MetaWorldRunner
 from ript.rl.buffer import RolloutBuffer
 from ript.rl.collect import ContextSampler, collect, derived_seed
 from ript.rl.distributed import Dist
 from ript.rl.ppo import PPOConfig, ppo_update, token_entropy
-from ript.stage import add_common_args, load_block, stage_tracker
+from ript.stage import add_common_args, load_block, setup_threads, stage_tracker
 from ript.train import checkpoint as ckpt
 from ript.train.loop import decay_groups
 from ript.utils import progress, seed_everything, stable_hash
@@ -42,6 +43,9 @@ class RiptConfig:
 
     iterations: int = 15
     """RIPT iterations (rollout collection + PPO); 15 for LIBERO-90, 30 for the suites."""
+    contexts: Literal["demos", "train_variants"] = "demos"
+    """Context set D_c: one per SFT demo (the paper, §5.2), or every non-held-out MetaWorld task
+    variant (contexts need no demonstration; more contexts help, paper Fig. 6)."""
     group_size: int = 8
     """K rollouts per context (the paper reports K = 16, the scripts use 8)."""
     contexts_per_iteration: int = 180
@@ -107,6 +111,13 @@ def heldout_contexts(tasks: list[str], episodes: int, eval_variants: int,
     return out
 
 
+def variant_contexts(tasks: list[str], eval_variants: int) -> list[Context]:
+    """One context per (task, non-held-out variant); the variant alone fixes the start state."""
+    train, _ = variant_split(eval_variants)
+    return [Context(i * len(train) + j, t, task_id(t), v, (), f"{t}:variant_{v}")
+            for i, t in enumerate(tasks) for j, v in enumerate(train)]
+
+
 class Ript:
     """One RIPT run: policy, optimizer, context sampler, runner; `step()` is one iteration."""
 
@@ -119,6 +130,9 @@ class Ript:
         self.params = [p for _, p in named]
         self.opt = torch.optim.AdamW(decay_groups(self.policy, named, cfg.weight_decay), lr=cfg.lr)
         self.contexts = load_contexts(files)
+        if cfg.contexts == "train_variants":
+            self.contexts = variant_contexts(sorted({c.task for c in self.contexts}),
+                                             self.meta["data"]["eval_variants"])
         self.sampler = ContextSampler(self.contexts, seed, dist.rank, dist.world)
         data = self.meta["data"]
         self.tasks = sorted({c.task for c in self.contexts})
@@ -273,6 +287,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--metrics", required=True)
     a = p.parse_args(argv)
+    setup_threads(a)
     cfg = from_dict(RiptConfig, load_block(a.config), "ript")
     run(a, cfg)
 

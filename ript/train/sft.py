@@ -27,7 +27,7 @@ from ript.data.dataset import SequenceDataset
 from ript.data.hdf5 import file_attrs, open_file
 from ript.envs.metaworld import all_tasks
 from ript.models import ObsEncoder, QuestPolicy, SkillGPT, SkillVAE
-from ript.stage import add_common_args, load_block, stage_tracker
+from ript.stage import add_common_args, load_block, setup_threads, stage_tracker
 from ript.train import checkpoint as ckpt
 from ript.train.loop import OptimConfig, decay_groups, train_loop
 from ript.utils import seed_everything, stable_hash
@@ -212,6 +212,8 @@ def run_stage(stage: int, cfg, files: list[Path], out: Path, metrics_out: Path, 
         kind = "autoencoder" if stage == 0 else "policy"
         arch = model.arch
         out_meta = {"data": meta, "stage": stage, "obs_keys": obs_keys or [],
+                    "obs_spec": {"image": meta["image"], "image_size": meta["image_size"]},
+                    "task_names": meta["tasks"],
                     "action_dim": dataset.action_dim, "steps": summary["steps"]}
         if stage == 2:
             out_meta = {**prev["meta"], **out_meta}
@@ -232,6 +234,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True, help="final model file")
     p.add_argument("--metrics", required=True, help="final JSONL metrics file")
     a = p.parse_args(argv)
+    setup_threads(a)
     cfg = from_dict(STAGE_CONFIGS[a.stage], load_block(a.config), STAGE_NAMES[a.stage])
     if a.stage > 0 and not a.init:
         p.error(f"--stage {a.stage} needs --init (the previous stage's model file)")

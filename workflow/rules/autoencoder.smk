@@ -14,10 +14,10 @@ rule autoencoder:
         f"{LOGS}/autoencoder.log",
     benchmark:
         f"{RESULTS}/benchmarks/autoencoder.tsv"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=120,
     shell:
         "{PYTHON} -m ript.train.sft --stage 0 --data {input.data} --config {params.cfg:q} "
-        "--out {output.model} --metrics {output.metrics} {COMMON_ARGS} > {log} 2>&1"
+        "--out {output.model} --metrics {output.metrics} --threads {threads} {COMMON_ARGS} > {log} 2>&1"

@@ -17,6 +17,7 @@ TASKS = config["data"]["tasks"]
 
 wildcard_constraints:
     task=r"[a-z0-9-]+",
+    policy=r"sft|ript",
 
 
 def as_json(block):
@@ -42,5 +43,26 @@ def sft_model():
     return f"{RESULTS}/{stage}/model.pt"
 
 
+def policy_model(policy):
+    return {"sft": sft_model(), "ript": f"{RESULTS}/ript/model.pt"}[policy]
+
+
+def stage_metrics():
+    stages = ["autoencoder", "prior"] + (["finetune"] if config["finetune"]["enabled"] else [])
+    return [f"{RESULTS}/{s}/metrics.jsonl" for s in stages]
+
+
+def launcher(resources):
+    """`python`, or `torchrun` over the job's GPUs when a RIPT job is given several."""
+    gpus = int(getattr(resources, "gpu", 0) or 0)
+    if gpus > 1:
+        return f"{PYTHON} -m torch.distributed.run --standalone --nproc_per_node {gpus}"
+    return PYTHON
+
+
+# The whole resolved config, for the report page (not a param: the report only shows it).
+FULL_CONFIG = as_json(config)
+
+
 def all_outputs():
-    return [*DATA_FILES, sft_model()]
+    return [f"{RESULTS}/report/index.html"]

@@ -15,11 +15,11 @@ rule finetune:
         f"{LOGS}/finetune.log",
     benchmark:
         f"{RESULTS}/benchmarks/finetune.tsv"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=120,
     shell:
         "{PYTHON} -m ript.train.sft --stage 2 --data {input.data} --init {input.init} "
         "--config {params.cfg:q} --out {output.model} --metrics {output.metrics} "
-        "{COMMON_ARGS} > {log} 2>&1"
+        "--threads {threads} {COMMON_ARGS} > {log} 2>&1"

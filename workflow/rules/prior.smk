@@ -15,11 +15,11 @@ rule prior:
         f"{LOGS}/prior.log",
     benchmark:
         f"{RESULTS}/benchmarks/prior.tsv"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=120,
     shell:
         "{PYTHON} -m ript.train.sft --stage 1 --data {input.data} --init {input.init} "
         "--config {params.cfg:q} --out {output.model} --metrics {output.metrics} "
-        "{COMMON_ARGS} > {log} 2>&1"
+        "--threads {threads} {COMMON_ARGS} > {log} 2>&1"

@@ -1,0 +1,224 @@
+"""Stage 'report': one page that shows what the pipeline did and whether RIPT helped.
+
+Per-task held-out success before (SFT) and after RIPT with Wilson 95 % intervals (table + bar
+chart), the RIPT curves, the stage-0/1 loss curves, the config and each stage's wall time.
+Writes `index.html` (self-contained apart from the PNGs beside it), `report.md` and `summary.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ript.config import from_dict, require
+from ript.stage import load_block
+from ript.tracking import read_jsonl
+from ript.utils import atomic_path, write_json
+
+
+@dataclass
+class ReportConfig:
+    """Block `report`."""
+
+    title: str = "RIPT on QueST"
+    """Heading of the report page."""
+    dpi: int = 110
+    """Resolution of the figures."""
+
+    def validate(self) -> None:
+        require(30 <= self.dpi <= 600, "report.dpi", "must be in [30, 600]")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def load_summaries(paths: list[str]) -> dict[str, dict]:
+    out = {}
+    for p in paths:
+        s = json.loads(Path(p).read_text())
+        out[s["task"]] = s
+    return out
+
+
+def pooled(summaries: dict[str, dict]) -> dict:
+    """Mean of per-task rates (equal episodes per task) with a Wilson interval over all."""
+    from ript.evaluate import wilson_interval
+
+    n = sum(s["episodes"] for s in summaries.values())
+    k = sum(s["successes"] for s in summaries.values())
+    lo, hi = wilson_interval(k, n)
+    rate = sum(s["success_rate"] for s in summaries.values()) / max(len(summaries), 1)
+    return {"success_rate": rate, "wilson_low": lo, "wilson_high": hi, "episodes": n,
+            "successes": k}
+
+
+def bar_chart(sft: dict, ript: dict, out: Path, dpi: int) -> None:
+    plt = _plt()
+    tasks = list(sft)
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(tasks) + 2), 3.6))
+    width = 0.38
+    for i, (name, res, color) in enumerate([("SFT", sft, "#8c8c8c"), ("RIPT", ript, "#d62728")]):
+        xs = [j + (i - 0.5) * width for j in range(len(tasks) + 1)]
+        vals = [res[t]["success_rate"] for t in tasks] + [pooled(res)["success_rate"]]
+        lows = [res[t]["wilson_low"] for t in tasks] + [pooled(res)["wilson_low"]]
+        highs = [res[t]["wilson_high"] for t in tasks] + [pooled(res)["wilson_high"]]
+        err = [[v - lo for v, lo in zip(vals, lows)], [hi - v for v, hi in zip(vals, highs)]]
+        ax.bar(xs, [100 * v for v in vals], width, yerr=[[100 * e for e in err[0]],
+                                                         [100 * e for e in err[1]]],
+               label=name, color=color, capsize=3)
+    ax.set_xticks(range(len(tasks) + 1), [t.removesuffix("-v3") for t in tasks] + ["mean"],
+                  rotation=20, ha="right")
+    ax.set_ylabel("held-out success (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(loc="upper left")
+    ax.set_title("Success before and after RIPT (95 % Wilson intervals)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+
+
+def curves(rows: list[dict], panels: list[tuple[str, list[str]]], out: Path, dpi: int,
+           xlabel: str) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels):
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o" if len(pts) < 40 else None, ms=3, label=key)
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+
+
+def wall_times(bench_dir: Path) -> list[tuple[str, float]]:
+    """(job, seconds) from Snakemake's benchmark files."""
+    out = []
+    for f in sorted(bench_dir.rglob("*.tsv")):
+        with open(f) as h:
+            rows = list(csv.DictReader(h, delimiter="\t"))
+        if rows:
+            out.append((str(f.relative_to(bench_dir).with_suffix("")), float(rows[-1]["s"])))
+    return out
+
+
+def build(cfg: ReportConfig, *, sft_paths, ript_paths, ript_metrics, stage_metrics,
+          bench_dir, full_config, out_dir: Path) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sft, ript = load_summaries(sft_paths), load_summaries(ript_paths)
+    if set(sft) != set(ript):
+        raise ValueError(f"SFT and RIPT were evaluated on different tasks: {sorted(sft)} vs "
+                         f"{sorted(ript)}")
+    bar_chart(sft, ript, out_dir / "success.png", cfg.dpi)
+    rl_rows = read_jsonl(ript_metrics)
+    curves(rl_rows, [("success", ["train_success", "eval_success"]),
+                     ("groups per iteration", ["groups_kept", "groups_rejected"]),
+                     ("PPO", ["clip_frac", "approx_kl"])],
+           out_dir / "ript_curves.png", cfg.dpi, "RIPT iteration")
+    stage_rows = {Path(p).parent.name: read_jsonl(p) for p in stage_metrics}
+    panels = [(f"{name} loss", ["recon_l1"] if name == "autoencoder" else ["ce"])
+              for name in stage_rows]
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    for ax, (title, keys), (name, rows) in zip(axes[0], panels, stage_rows.items()):
+        ax.plot([r["step"] for r in rows], [r[keys[0]] for r in rows])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "sft_losses.png", dpi=cfg.dpi)
+    plt.close(fig)
+    times = wall_times(Path(bench_dir))
+    ps, pr = pooled(sft), pooled(ript)
+    summary = {"sft": ps, "ript": pr, "lift_points": 100 * (pr["success_rate"] - ps["success_rate"]),
+               "tasks": {t: {"sft": sft[t]["success_rate"], "ript": ript[t]["success_rate"]}
+                         for t in sft},
+               "wall_seconds": dict(times), "total_wall_seconds": sum(s for _, s in times)}
+    write_json(out_dir / "summary.json", summary)
+    _write_pages(cfg, out_dir, sft, ript, ps, pr, summary, times, full_config)
+    return summary
+
+
+def _fmt(s: dict) -> str:
+    return (f"{100 * s['success_rate']:.1f} % [{100 * s['wilson_low']:.0f}, "
+            f"{100 * s['wilson_high']:.0f}]")
+
+
+def _write_pages(cfg, out_dir, sft, ript, ps, pr, summary, times, full_config) -> None:
+    rows = [(t, _fmt(sft[t]), _fmt(ript[t]),
+             f"{100 * (ript[t]['success_rate'] - sft[t]['success_rate']):+.1f}",
+             sft[t]["episodes"]) for t in sft]
+    rows.append(("mean", _fmt(ps), _fmt(pr), f"{summary['lift_points']:+.1f}",
+                 ps["episodes"]))
+    md = [f"# {cfg.title}", "",
+          f"Held-out success: SFT {100 * ps['success_rate']:.1f} % → RIPT "
+          f"{100 * pr['success_rate']:.1f} % ({summary['lift_points']:+.1f} points).", "",
+          "| task | SFT | RIPT | Δ (points) | episodes |", "|---|---|---|---|---|"]
+    md += [f"| {' | '.join(str(c) for c in r)} |" for r in rows]
+    md += ["", "![success](success.png)", "", "## RIPT", "", "![ript](ript_curves.png)", "",
+           "## Supervised stages", "", "![losses](sft_losses.png)", "", "## Wall time", "",
+           "| job | seconds |", "|---|---|"]
+    md += [f"| {j} | {s:.1f} |" for j, s in times]
+    md += [f"| **total** | {summary['total_wall_seconds']:.1f} |", "", "## Config", "",
+           "```yaml", yaml.safe_dump(full_config, sort_keys=False).rstrip(), "```", ""]
+    with atomic_path(out_dir / "report.md") as tmp:
+        tmp.write_text("\n".join(md))
+    esc = html.escape
+    table = "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in r) + "</tr>"
+                    for r in rows)
+    times_html = "".join(f"<tr><td>{esc(j)}</td><td>{s:.1f}</td></tr>" for j, s in times)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(cfg.title)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}</style>
+</head><body><h1>{esc(cfg.title)}</h1>
+<p>Held-out success: SFT <b>{100 * ps['success_rate']:.1f} %</b> → RIPT
+<b>{100 * pr['success_rate']:.1f} %</b> ({summary['lift_points']:+.1f} points).</p>
+<table><tr><th>task</th><th>SFT [95 % CI]</th><th>RIPT [95 % CI]</th><th>Δ (points)</th>
+<th>episodes</th></tr>{table}</table>
+<p><img src="success.png" alt="success per task"></p>
+<h2>RIPT</h2><p><img src="ript_curves.png" alt="RIPT curves"></p>
+<h2>Supervised stages</h2><p><img src="sft_losses.png" alt="stage losses"></p>
+<h2>Wall time</h2><table><tr><th>job</th><th>seconds</th></tr>{times_html}
+<tr><td><b>total</b></td><td>{summary['total_wall_seconds']:.1f}</td></tr></table>
+<h2>Config</h2><pre>{esc(yaml.safe_dump(full_config, sort_keys=False))}</pre></body></html>
+"""
+    with atomic_path(out_dir / "index.html") as tmp:
+        tmp.write_text(page)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--config", required=True, help="the `report` block (JSON or @file)")
+    p.add_argument("--full-config", required=True, help="the whole experiment config (JSON)")
+    p.add_argument("--sft", nargs="+", required=True, help="SFT summary.json files")
+    p.add_argument("--ript", nargs="+", required=True, help="RIPT summary.json files")
+    p.add_argument("--ript-metrics", required=True)
+    p.add_argument("--stage-metrics", nargs="+", required=True)
+    p.add_argument("--benchmarks", required=True, help="Snakemake benchmark folder")
+    p.add_argument("--out-dir", required=True)
+    a = p.parse_args(argv)
+    cfg = from_dict(ReportConfig, load_block(a.config), "report")
+    summary = build(cfg, sft_paths=a.sft, ript_paths=a.ript, ript_metrics=a.ript_metrics,
+                    stage_metrics=a.stage_metrics, bench_dir=a.benchmarks,
+                    full_config=load_block(a.full_config), out_dir=Path(a.out_dir))
+    print(json.dumps({k: summary[k] for k in ("lift_points", "total_wall_seconds")}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+# Per-task evaluation of the SFT and the RIPT policy on held-out contexts (spec §6).
+
+
+rule evaluate:
+    input:
+        model=lambda w: policy_model(w.policy),
+    output:
+        summary=f"{RESULTS}/eval/{{policy}}/{{task}}/summary.json",
+        episodes=f"{RESULTS}/eval/{{policy}}/{{task}}/episodes.csv",
+    params:
+        cfg=as_json(config["evaluation"]),
+        code=source_hash("evaluate.py", "envs", "models", "train/checkpoint.py"),
+    log:
+        f"{LOGS}/eval/{{policy}}/{{task}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/eval/{{policy}}/{{task}}.tsv"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    shell:
+        "{PYTHON} -m ript.evaluate --checkpoint {input.model} --task {wildcards.task} "
+        "--policy-name {wildcards.policy} --config {params.cfg:q} "
+        "--out-dir $(dirname {output.summary}) {COMMON_ARGS} > {log} 2>&1"
+
+
+rule aggregate:
+    input:
+        lambda w: expand(f"{RESULTS}/eval/{w.policy}/{{task}}/summary.json", task=TASKS),
+    output:
+        f"{RESULTS}/eval/{{policy}}/table.csv",
+    log:
+        f"{LOGS}/eval/{{policy}}/aggregate.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/eval/{{policy}}/aggregate.tsv"
+    shell:
+        "{PYTHON} -m ript.evaluate aggregate --inputs {input} --out {output} > {log} 2>&1"

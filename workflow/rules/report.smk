@@ -1,0 +1,44 @@
+# The report: success before/after RIPT with intervals, RIPT curves, SFT losses, wall times.
+
+
+rule report:
+    input:
+        sft=expand(f"{RESULTS}/eval/sft/{{task}}/summary.json", task=TASKS),
+        ript=expand(f"{RESULTS}/eval/ript/{{task}}/summary.json", task=TASKS),
+        tables=expand(f"{RESULTS}/eval/{{policy}}/table.csv", policy=["sft", "ript"]),
+        ript_metrics=rules.ript.output.metrics,
+        stage_metrics=stage_metrics(),
+    output:
+        html=report(
+            f"{RESULTS}/report/index.html",
+            caption="../report/index.rst",
+            category="Report",
+        ),
+        success=report(
+            f"{RESULTS}/report/success.png",
+            caption="../report/success.rst",
+            category="Report",
+        ),
+        curves=report(
+            f"{RESULTS}/report/ript_curves.png",
+            caption="../report/ript_curves.rst",
+            category="Report",
+        ),
+        losses=report(
+            f"{RESULTS}/report/sft_losses.png",
+            caption="../report/sft_losses.rst",
+            category="Report",
+        ),
+        summary=f"{RESULTS}/report/summary.json",
+    params:
+        cfg=as_json(config["report"]),
+        code=source_hash("report.py"),
+    log:
+        f"{LOGS}/report.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report.tsv"
+    shell:
+        "{PYTHON} -m ript.report --config {params.cfg:q} --full-config {FULL_CONFIG:q} "
+        "--sft {input.sft} --ript {input.ript} --ript-metrics {input.ript_metrics} "
+        "--stage-metrics {input.stage_metrics} --benchmarks {RESULTS}/benchmarks "
+        "--out-dir $(dirname {output.html}) > {log} 2>&1"

@@ -1,0 +1,27 @@
+# RIPT (spec §5): K-rollout groups, leave-one-out advantages, dynamic sampling, token-level PPO.
+# One job; with gpus > 1 (SLURM profile) it runs under torchrun over the job's GPUs.
+
+
+rule ript:
+    input:
+        data=DATA_FILES,
+        init=sft_model(),
+    output:
+        model=f"{RESULTS}/ript/model.pt",
+        metrics=f"{RESULTS}/ript/metrics.jsonl",
+    params:
+        cfg=as_json(config["ript"]),
+        code=source_hash("rl", "envs", "models", "train/checkpoint.py", "data/dataset.py"),
+        launcher=lambda w, resources: launcher(resources),
+    log:
+        f"{LOGS}/ript.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/ript.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+    shell:
+        "{params.launcher} -m ript.rl.ript --init {input.init} --data {input.data} "
+        "--config {params.cfg:q} --out {output.model} --metrics {output.metrics} "
+        "{COMMON_ARGS} > {log} 2>&1"
