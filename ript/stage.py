@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +35,23 @@ def load_block(value: str) -> dict[str, Any]:
     return data
 
 
-def add_common_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True,
-                   help="the stage's config block: inline JSON or @file.yaml")
+def add_common_args(p: argparse.ArgumentParser, config: bool = True) -> None:
+    """Flags every stage takes. The Snakefile exports RIPT_EXPERIMENT, RIPT_EXPERIMENT_DIR and
+    RIPT_PIPELINE_ID, so rules need not repeat them (and they stay out of rule params)."""
+    env = os.environ.get
+    if config:
+        p.add_argument("--config", required=True,
+                       help="the stage's config block: inline JSON or @file.yaml")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--experiment-dir", required=True,
-                   help="results folder of the experiment (holds the MLflow store)")
-    p.add_argument("--experiment", default="default", help="MLflow experiment name")
-    p.add_argument("--pipeline-id", default="manual",
-                   help="tag shared by all runs of one pipeline (experiment + config hash)")
+    p.add_argument("--experiment-dir", default=env("RIPT_EXPERIMENT_DIR"),
+                   required=not env("RIPT_EXPERIMENT_DIR"),
+                   help="results folder of the experiment (holds the MLflow store) "
+                        "[$RIPT_EXPERIMENT_DIR]")
+    p.add_argument("--experiment", default=env("RIPT_EXPERIMENT", "default"),
+                   help="MLflow experiment name [$RIPT_EXPERIMENT]")
+    p.add_argument("--pipeline-id", default=env("RIPT_PIPELINE_ID", "manual"),
+                   help="tag shared by all runs of one pipeline (experiment + config hash) "
+                        "[$RIPT_PIPELINE_ID]")
     p.add_argument("--no-mlflow", action="store_true", help="only write the JSONL metrics")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (more than the free cores makes OpenMP spin: 30x "

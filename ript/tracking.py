@@ -169,13 +169,14 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def main(argv=None) -> None:
+    from ript.stage import add_common_args
+    from ript.utils import write_json
+
     p = argparse.ArgumentParser(description="Create the MLflow store and experiment once.")
     p.add_argument("command", choices=["init"])
-    p.add_argument("--experiment-dir", required=True)
-    p.add_argument("--experiment", required=True)
+    add_common_args(p, config=False)
     p.add_argument("--out", required=True, help="JSON file recording the store and experiment")
     a = p.parse_args(argv)
-    from ript.utils import write_json
 
     write_json(a.out, init_store(a.experiment_dir, a.experiment))
 

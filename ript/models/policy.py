@@ -128,6 +128,10 @@ class QuestPolicy(nn.Module):
                                dtype=np.float32)
         self._remaining = np.zeros(n_envs, dtype=np.int64)
 
+    def reset_envs(self, idx) -> None:
+        """Empty the queues of env slots `idx` (a slot starting a new episode must replan)."""
+        self._remaining[np.asarray(idx, dtype=np.int64)] = 0
+
     def act(self, obs: dict[str, Tensor], task: Tensor, generator: torch.Generator | None = None,
             active: np.ndarray | None = None) -> tuple[np.ndarray, ReplanRecord | None, np.ndarray]:
         """Pop one action per env, replanning envs whose queue is empty (spec §4.4).

@@ -87,8 +87,12 @@ def collect(runner, policy, sampler: ContextSampler, *, group_size: int, target_
                 if sampler_state.done:
                     break  # keep every rank's buffer the same size (padding lines up minibatches)
                 group = groups.pop(ctx.context_id, [])
+                # An episode aborted by a simulator error has no usable token cache (it counts
+                # as a failure in the statistics); its whole group is left out of the update.
+                if len(group) != group_size or any(r.error for r in group):
+                    continue
                 rewards = np.array([float(r.success) for r in group])
-                if len(group) != group_size or not sampler_state.offer(rewards):
+                if not sampler_state.offer(rewards):
                     continue
                 adv = leave_one_out_advantages(rewards[None])[0]
                 for rec, a in zip(group, adv):

@@ -192,6 +192,9 @@ def run_stage(stage: int, cfg, files: list[Path], out: Path, metrics_out: Path, 
         l1 = getattr(cfg, "l1_weight", 0.0)
 
         def loss_fn(batch):
+            # QueST conditions on the current frame only (frame_stack = obs_seq_len = 1): drop
+            # the dataset's frame axis so images are (B, 3, H, W) as at inference.
+            batch["obs"] = {k: v[:, -1] for k, v in batch["obs"].items()}
             return model.stage_loss(batch, stage, l1_weight=l1)
 
     ckpt_dir = out.parent / "ckpt"

@@ -1,5 +1,6 @@
 # Helpers shared by the rules. No rules here.
 import json
+import os
 import sys
 
 from ript.utils import source_hash, stable_hash
@@ -8,28 +9,24 @@ EXP = config["experiment"]
 RESULTS = f"results/{EXP}"
 LOGS = f"logs/{EXP}"
 SEED = config["seed"]
-# The interpreter running Snakemake (the project's venv), so jobs need no activated env.
-PYTHON = sys.executable
-# One tag shared by every MLflow run of this pipeline configuration (conventions: MLflow).
-PIPELINE_ID = f"{EXP}-{stable_hash(config)}"
 TASKS = config["data"]["tasks"]
 
-
-wildcard_constraints:
-    task=r"[a-z0-9-]+",
-    policy=r"sft|ript",
+# Jobs find `python` of the environment that runs Snakemake (the project's .venv) first on
+# PATH, so no activation step is needed, also inside SLURM jobs (they re-read this file).
+_VENV_BIN = os.path.dirname(sys.executable)
+os.environ.update(PATH=_VENV_BIN + os.pathsep + os.environ.get("PATH", ""))
+# Read by every stage CLI (ript/stage.py). Kept out of the params of rules on purpose, since the pipeline id
+# hashes the whole config and must not make every stage re-run when one block changes.
+os.environ.update(
+    RIPT_EXPERIMENT=EXP,
+    RIPT_EXPERIMENT_DIR=RESULTS,
+    RIPT_PIPELINE_ID=f"{EXP}-{stable_hash(config)}",
+)
 
 
 def as_json(block):
     """A config block as a compact JSON string for a stage CLI's --config (and a param)."""
     return json.dumps(block, sort_keys=True, separators=(",", ":"))
-
-
-# Flags every stage CLI takes (ript/stage.py). Kept out of params: the pipeline id hashes the
-# whole config and must not make every stage re-run when one block changes.
-COMMON_ARGS = (
-    f"--seed {SEED} --experiment-dir {RESULTS} --experiment {EXP} --pipeline-id {PIPELINE_ID}"
-)
 
 
 DATA_FILES = expand(f"{RESULTS}/data/{{task}}.hdf5", task=TASKS)
@@ -48,7 +45,9 @@ def policy_model(policy):
 
 
 def stage_metrics():
-    stages = ["autoencoder", "prior"] + (["finetune"] if config["finetune"]["enabled"] else [])
+    stages = ["autoencoder", "prior"] + (
+        ["finetune"] if config["finetune"]["enabled"] else []
+    )
     return [f"{RESULTS}/{s}/metrics.jsonl" for s in stages]
 
 
@@ -56,12 +55,8 @@ def launcher(resources):
     """`python`, or `torchrun` over the job's GPUs when a RIPT job is given several."""
     gpus = int(getattr(resources, "gpu", 0) or 0)
     if gpus > 1:
-        return f"{PYTHON} -m torch.distributed.run --standalone --nproc_per_node {gpus}"
-    return PYTHON
-
-
-# The whole resolved config, for the report page (not a param: the report only shows it).
-FULL_CONFIG = as_json(config)
+        return f"python -m torch.distributed.run --standalone --nproc_per_node {gpus}"
+    return "python"
 
 
 def all_outputs():

@@ -13,9 +13,10 @@ rule mlflow_init:
         f"{LOGS}/mlflow_init.log",
     benchmark:
         f"{RESULTS}/benchmarks/mlflow_init.tsv"
+    conda:
+        "../envs/ript.yaml"
     shell:
-        "{PYTHON} -m ript.tracking init --experiment-dir {RESULTS} --experiment {EXP} "
-        "--out {output} > {log} 2>&1"
+        "python -m ript.tracking init --out {output} > {log} 2>&1"
 
 
 rule demos:
@@ -23,18 +24,21 @@ rule demos:
         rules.mlflow_init.output,
     output:
         f"{RESULTS}/data/{{task}}.hdf5",
-    params:
-        # only this task's settings: adding a task does not regenerate the others
-        cfg=lambda w: as_json({**config["data"], "tasks": [w.task]}),
-        code=source_hash("data", "envs/metaworld.py"),
     log:
         f"{LOGS}/data/{{task}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/data/{{task}}.tsv"
+    conda:
+        "../envs/ript.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=30,
+    params:
+        seed=SEED,
+        # only this task's settings: adding a task does not regenerate the others
+        cfg=lambda w: as_json({**config["data"], "tasks": [w.task]}),
+        code=source_hash("data", "envs/metaworld.py"),
     shell:
-        "{PYTHON} -m ript.data.metaworld_demos --task {wildcards.task} --config {params.cfg:q} "
-        "--out {output} {COMMON_ARGS} > {log} 2>&1"
+        "python -m ript.data.metaworld_demos --task {wildcards.task} --config {params.cfg:q} "
+        "--out {output} --seed {params.seed} > {log} 2>&1"

@@ -7,21 +7,24 @@ rule evaluate:
     output:
         summary=f"{RESULTS}/eval/{{policy}}/{{task}}/summary.json",
         episodes=f"{RESULTS}/eval/{{policy}}/{{task}}/episodes.csv",
-    params:
-        cfg=as_json(config["evaluation"]),
-        code=source_hash("evaluate.py", "envs", "models", "train/checkpoint.py"),
     log:
         f"{LOGS}/eval/{{policy}}/{{task}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/eval/{{policy}}/{{task}}.tsv"
+    conda:
+        "../envs/ript.yaml"
     threads: 2
     resources:
         mem_mb=4000,
         runtime=60,
+    params:
+        seed=SEED,
+        cfg=as_json(config["evaluation"]),
+        code=source_hash("evaluate.py", "envs", "models", "train/checkpoint.py"),
     shell:
-        "{PYTHON} -m ript.evaluate --checkpoint {input.model} --task {wildcards.task} "
+        "python -m ript.evaluate --checkpoint {input.model} --task {wildcards.task} "
         "--policy-name {wildcards.policy} --config {params.cfg:q} "
-        "--out-dir $(dirname {output.summary}) {COMMON_ARGS} > {log} 2>&1"
+        "--out-dir $(dirname {output.summary}) --seed {params.seed} > {log} 2>&1"
 
 
 rule aggregate:
@@ -33,5 +36,7 @@ rule aggregate:
         f"{LOGS}/eval/{{policy}}/aggregate.log",
     benchmark:
         f"{RESULTS}/benchmarks/eval/{{policy}}/aggregate.tsv"
+    conda:
+        "../envs/ript.yaml"
     shell:
-        "{PYTHON} -m ript.evaluate aggregate --inputs {input} --out {output} > {log} 2>&1"
+        "python -m ript.evaluate aggregate --inputs {input} --out {output} > {log} 2>&1"

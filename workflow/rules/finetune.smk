@@ -8,18 +8,21 @@ rule finetune:
     output:
         model=f"{RESULTS}/finetune/model.pt",
         metrics=f"{RESULTS}/finetune/metrics.jsonl",
-    params:
-        cfg=as_json(config["finetune"]),
-        code=source_hash("models", *TRAIN_CODE),
     log:
         f"{LOGS}/finetune.log",
     benchmark:
         f"{RESULTS}/benchmarks/finetune.tsv"
+    conda:
+        "../envs/ript.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=120,
+    params:
+        seed=SEED,
+        cfg=as_json(config["finetune"]),
+        code=source_hash("models", *TRAIN_CODE),
     shell:
-        "{PYTHON} -m ript.train.sft --stage 2 --data {input.data} --init {input.init} "
+        "python -m ript.train.sft --stage 2 --data {input.data} --init {input.init} "
         "--config {params.cfg:q} --out {output.model} --metrics {output.metrics} "
-        "--threads {threads} {COMMON_ARGS} > {log} 2>&1"
+        "--threads {threads} --seed {params.seed} > {log} 2>&1"

@@ -8,18 +8,21 @@ rule prior:
     output:
         model=f"{RESULTS}/prior/model.pt",
         metrics=f"{RESULTS}/prior/metrics.jsonl",
-    params:
-        cfg=as_json(config["prior"]),
-        code=source_hash("models", *TRAIN_CODE),
     log:
         f"{LOGS}/prior.log",
     benchmark:
         f"{RESULTS}/benchmarks/prior.tsv"
+    conda:
+        "../envs/ript.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=120,
+    params:
+        seed=SEED,
+        cfg=as_json(config["prior"]),
+        code=source_hash("models", *TRAIN_CODE),
     shell:
-        "{PYTHON} -m ript.train.sft --stage 1 --data {input.data} --init {input.init} "
+        "python -m ript.train.sft --stage 1 --data {input.data} --init {input.init} "
         "--config {params.cfg:q} --out {output.model} --metrics {output.metrics} "
-        "--threads {threads} {COMMON_ARGS} > {log} 2>&1"
+        "--threads {threads} --seed {params.seed} > {log} 2>&1"

@@ -30,15 +30,20 @@ rule report:
             category="Report",
         ),
         summary=f"{RESULTS}/report/summary.json",
-    params:
-        cfg=as_json(config["report"]),
-        code=source_hash("report.py"),
     log:
         f"{LOGS}/report.log",
     benchmark:
         f"{RESULTS}/benchmarks/report.tsv"
+    conda:
+        "../envs/ript.yaml"
+    params:
+        cfg=as_json(config["report"]),
+        code=source_hash("report.py"),
+        # the page shows the whole config; any change re-runs the (cheap) report
+        full_config=as_json(config),
+        benchmarks=f"{RESULTS}/benchmarks",
     shell:
-        "{PYTHON} -m ript.report --config {params.cfg:q} --full-config {FULL_CONFIG:q} "
+        "python -m ript.report --config {params.cfg:q} --full-config {params.full_config:q} "
         "--sft {input.sft} --ript {input.ript} --ript-metrics {input.ript_metrics} "
-        "--stage-metrics {input.stage_metrics} --benchmarks {RESULTS}/benchmarks "
+        "--stage-metrics {input.stage_metrics} --benchmarks {params.benchmarks} "
         "--out-dir $(dirname {output.html}) > {log} 2>&1"

@@ -9,19 +9,24 @@ rule ript:
     output:
         model=f"{RESULTS}/ript/model.pt",
         metrics=f"{RESULTS}/ript/metrics.jsonl",
-    params:
-        cfg=as_json(config["ript"]),
-        code=source_hash("rl", "envs", "models", "train/checkpoint.py", "data/dataset.py"),
-        launcher=lambda w, resources: launcher(resources),
     log:
         f"{LOGS}/ript.log",
     benchmark:
         f"{RESULTS}/benchmarks/ript.tsv"
+    conda:
+        "../envs/ript.yaml"
     threads: 2
     resources:
         mem_mb=8000,
         runtime=240,
+    params:
+        seed=SEED,
+        cfg=as_json(config["ript"]),
+        code=source_hash(
+            "rl", "envs", "models", "train/checkpoint.py", "data/dataset.py"
+        ),
+        launcher=lambda w, resources: launcher(resources),
     shell:
         "{params.launcher} -m ript.rl.ript --init {input.init} --data {input.data} "
         "--config {params.cfg:q} --out {output.model} --metrics {output.metrics} "
-        "{COMMON_ARGS} > {log} 2>&1"
+        "--seed {params.seed} > {log} 2>&1"

@@ -1,0 +1,270 @@
+"""Stage 'evaluate' (spec §6): success rate of a policy on one task, with a confidence interval.
+
+    python -m ript.evaluate --checkpoint model.pt --task push-v3 --config '{...}' \
+        --out-dir results/exp/eval/sft/push-v3 --experiment-dir results/exp [--policy-name sft]
+    python -m ript.evaluate aggregate --inputs a/summary.json b/summary.json --out table.csv
+
+MetaWorld evaluation uses only the held-out task variants (`variant_split`), cycling over them —
+never a demonstration's variant, so RIPT cannot have trained on an evaluation context. LIBERO
+evaluation (`suite` set) uses the benchmark's fixed init states in order (spec §6). Every episode
+has a recorded env seed derived from (seed, task, episode), and the policy samples from one seeded
+generator, so a rerun reproduces every episode (unlike the original, spec §8 B10).
+`--checkpoint scripted:expert` / `scripted:random` evaluate MetaWorld's scripted experts / uniform
+random actions (reference rows and tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ript.config import from_dict, require, to_dict
+from ript.envs.runner import (EpisodeContext, EpisodeRecord, MetaWorldRunner, RandomPolicy,
+                              ScriptedExpertPolicy)
+from ript.utils import atomic_path, seed_everything, write_json
+
+# The data stage's default; used when a checkpoint carries no data settings (scripted policies).
+DEFAULT_EVAL_VARIANTS = 25
+EPISODE_FIELDS = ["task", "context_id", "variant", "seed", "success", "length", "error"]
+TABLE_FIELDS = ["task", "policy", "episodes", "successes", "success_rate", "wilson_low",
+                "wilson_high", "mean_length"]
+
+
+@dataclass
+class EvalConfig:
+    episodes_per_task: int = 25
+    """Evaluation episodes per task (QueST MetaWorld: 50; RIPT LIBERO code: 48, paper: 50)."""
+    n_envs: int = 5
+    """Episodes run concurrently (the policy's batch)."""
+    n_workers: int = 2
+    """Simulator worker processes (0 = step in the main process); results do not depend on it."""
+    max_episode_steps: int = 500
+    """Step limit per episode (MetaWorld: 500; LIBERO: 600 in QueST/RIPT)."""
+    videos: int = 0
+    """Save the first n episodes as videos (needs image observations)."""
+    step_timeout_s: float = 60.0
+    """Longest wait for a simulator worker before it is killed and its episodes failed."""
+    suite: str | None = None
+    """LIBERO suite (e.g. libero_goal) for LIBERO tasks; None = MetaWorld."""
+    legacy_reset: bool = False
+    """LIBERO only: the original's stale-first-observation reset (spec §8 B4), for parity."""
+
+    def validate(self) -> None:
+        require(self.episodes_per_task >= 1, "evaluation.episodes_per_task", "must be >= 1")
+        require(self.n_envs >= 1, "evaluation.n_envs", "must be >= 1")
+        require(self.n_workers >= 0, "evaluation.n_workers", "must be >= 0")
+        require(self.max_episode_steps >= 1, "evaluation.max_episode_steps", "must be >= 1")
+        require(self.videos >= 0, "evaluation.videos", "must be >= 0")
+        require(self.step_timeout_s > 0, "evaluation.step_timeout_s", "must be > 0")
+        if self.suite is None:
+            require(self.max_episode_steps <= 500, "evaluation.max_episode_steps",
+                    "MetaWorld episodes end at 500 steps")
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (95 % for z = 1.96).
+
+    Unlike the normal approximation it stays inside [0, 1] and is not degenerate at 0/n or n/n,
+    which matters for per-task rates from 25–50 episodes.
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must be in [0, {n}], got {successes}")
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    # exact bounds at 0/n and n/n (the formula gives them up to rounding)
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return low, high
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def eval_contexts(task: str, cfg: EvalConfig, seed: int,
+                  eval_variants: int = DEFAULT_EVAL_VARIANTS) -> list[EpisodeContext]:
+    """Episode i → held-out variant (MetaWorld) or fixed init state (LIBERO) i mod count, with
+    env seed derived from (seed, task id, i). `eval_variants` comes from the policy's data."""
+    if cfg.suite is None:
+        from ript.envs.metaworld import task_id, variant_split
+
+        tid, pool = task_id(task), list(variant_split(eval_variants)[1])
+    else:
+        from ript.envs.libero import task_index, task_init_states
+
+        tid = task_index(cfg.suite, task)
+        pool = list(range(len(task_init_states(cfg.suite, task))))
+    return [EpisodeContext(i, task, pool[i % len(pool)], _seed(seed, tid, i))
+            for i in range(cfg.episodes_per_task)]
+
+
+def load_policy(checkpoint: str):
+    """-> (policy, meta) with meta['obs_spec'] (dict) and meta['task_names'] (list)."""
+    if checkpoint.startswith("scripted:"):
+        from ript.envs.metaworld import all_tasks
+
+        kind = checkpoint.split(":", 1)[1]
+        policies = {"expert": ScriptedExpertPolicy, "random": RandomPolicy}
+        if kind not in policies:
+            raise ValueError(f"unknown scripted policy {kind!r}; valid: {sorted(policies)}")
+        return policies[kind](), {"obs_spec": {"image": False}, "task_names": all_tasks()}
+    from ript.train.checkpoint import load_policy as load
+
+    return load(checkpoint)
+
+
+def make_runner(cfg: EvalConfig, obs_spec: dict):
+    if cfg.suite is None:
+        from ript.envs.metaworld import ObsSpec
+
+        return MetaWorldRunner(ObsSpec(**obs_spec), cfg.n_envs, cfg.n_workers,
+                               cfg.max_episode_steps, cfg.step_timeout_s)
+    from ript.envs.libero import LiberoRunner
+
+    return LiberoRunner(cfg.suite, cfg.n_envs, cfg.n_workers, cfg.max_episode_steps,
+                        image_size=obs_spec.get("image_size", 128),
+                        image=obs_spec.get("image", True), legacy_reset=cfg.legacy_reset,
+                        step_timeout_s=cfg.step_timeout_s)
+
+
+def evaluate(policy, task: str, cfg: EvalConfig, seed: int, obs_spec: dict,
+             task_names: list[str] | None = None,
+             eval_variants: int = DEFAULT_EVAL_VARIANTS) -> list[EpisodeRecord]:
+    """Run the evaluation episodes of one task; deterministic under `seed`."""
+    contexts = eval_contexts(task, cfg, seed, eval_variants)
+    with make_runner(cfg, obs_spec) as runner:
+        tid = runner.factory.task_id(task)
+        return runner.run(policy, contexts, seed=_seed(seed, tid, 2**31), tasks=task_names,
+                          progress_desc=f"eval {task}", video_episodes=cfg.videos)
+
+
+def summarize(task: str, records: list[EpisodeRecord], policy_name: str) -> dict:
+    n, k = len(records), sum(r.success for r in records)
+    low, high = wilson_interval(k, n)
+    return {"task": task, "policy": policy_name, "episodes": n, "successes": k,
+            "success_rate": k / n if n else 0.0, "wilson_low": low, "wilson_high": high,
+            "mean_length": float(np.mean([r.length for r in records])) if n else 0.0,
+            "errors": sum(r.error is not None for r in records)}
+
+
+def write_episodes(path: Path, records: list[EpisodeRecord]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, EPISODE_FIELDS)
+        w.writeheader()
+        for r in records:
+            w.writerow({k: ("" if getattr(r, k) is None else getattr(r, k))
+                        for k in EPISODE_FIELDS})
+
+
+def save_videos(out_dir: Path, records: list[EpisodeRecord], fps: int = 30) -> list[Path]:
+    import imageio.v3 as iio
+
+    paths = []
+    for r in records:
+        if not r.frames:
+            continue
+        frames = np.stack(r.frames)
+        path = out_dir / "videos" / f"episode{r.context_id:03d}_{'ok' if r.success else 'fail'}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # MP4 needs an ffmpeg/pyav plugin for imageio; fall back to GIF without one
+            iio.imwrite(path.with_suffix(".mp4"), frames, fps=fps)
+            paths.append(path.with_suffix(".mp4"))
+        except Exception as e:  # noqa: BLE001 - which plugin is missing varies
+            warnings.warn(f"MP4 writing failed ({e}); writing GIF instead", stacklevel=2)
+            iio.imwrite(path.with_suffix(".gif"), frames, duration=1000 / fps, loop=0)
+            paths.append(path.with_suffix(".gif"))
+    return paths
+
+
+def aggregate(inputs: list[str | Path], out: str | Path) -> list[dict]:
+    """Per-task table plus a 'mean' row: mean of per-task rates, Wilson over all episodes."""
+    rows = [json.loads(Path(p).read_text()) for p in inputs]
+    if not rows:
+        raise ValueError("aggregate: no inputs")
+    n = sum(r["episodes"] for r in rows)
+    k = sum(r["successes"] for r in rows)
+    low, high = wilson_interval(k, n)
+    policies = sorted({r.get("policy", "") for r in rows})
+    mean = {"task": "mean", "policy": "+".join(policies), "episodes": n, "successes": k,
+            "success_rate": float(np.mean([r["success_rate"] for r in rows])),
+            "wilson_low": low, "wilson_high": high,
+            "mean_length": sum(r["mean_length"] * r["episodes"] for r in rows) / max(n, 1)}
+    table = [{f: r.get(f, "") for f in TABLE_FIELDS} for r in rows] + [mean]
+    with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, TABLE_FIELDS)
+        w.writeheader()
+        w.writerows(table)
+    return table
+
+
+def _eval_main(argv) -> dict:
+    from ript.stage import add_common_args, load_block, setup_threads, stage_tracker
+
+    p = argparse.ArgumentParser(description="Evaluate a policy on one task (spec §6).")
+    add_common_args(p)
+    p.add_argument("--checkpoint", required=True,
+                   help="model checkpoint, or scripted:expert / scripted:random")
+    p.add_argument("--task", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--policy-name", default="policy", help="label in tables and the MLflow stage")
+    args = p.parse_args(argv)
+    block = load_block(args.config)
+    cfg = from_dict(EvalConfig, block, "evaluation")
+    setup_threads(args)
+    seed_everything(args.seed)
+    policy, meta = load_policy(args.checkpoint)
+    # The held-out variants are the ones the policy's own data held out (never a demo's).
+    eval_variants = int((meta.get("data") or {}).get("eval_variants", DEFAULT_EVAL_VARIANTS))
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with stage_tracker(args, f"eval-{args.policy_name}", to_dict(cfg),
+                       metrics=out / "metrics.jsonl", task=args.task) as tracker:
+        tracker.truncate_after(-1)  # a rerun replaces the previous evaluation's metrics
+        records = evaluate(policy, args.task, cfg, args.seed, dict(meta["obs_spec"]),
+                           list(meta["task_names"]), eval_variants)
+        summary = summarize(args.task, records, args.policy_name)
+        summary.update(seed=args.seed, checkpoint=str(args.checkpoint),
+                       variants=sorted({r.variant for r in records}))
+        if cfg.videos and not any(r.frames for r in records):
+            warnings.warn("videos requested but the observations have no images", stacklevel=1)
+        save_videos(out, records)
+        write_episodes(out / "episodes.csv", records)
+        write_json(out / "summary.json", summary)
+        tracker.log_metrics({k: summary[k] for k in ("success_rate", "wilson_low",
+                                                     "wilson_high", "mean_length", "errors")},
+                            step=0)
+        tracker.log_artifact(out / "summary.json")
+        tracker.log_artifact(out / "episodes.csv")
+    print(f"{args.task}: {summary['successes']}/{summary['episodes']} = "
+          f"{summary['success_rate']:.3f} [{summary['wilson_low']:.3f}, "
+          f"{summary['wilson_high']:.3f}], mean length {summary['mean_length']:.1f}")
+    return summary
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["aggregate"]:
+        p = argparse.ArgumentParser(prog="python -m ript.evaluate aggregate",
+                                    description="Per-task table of evaluation summaries.")
+        p.add_argument("--inputs", nargs="+", required=True, help="summary.json files")
+        p.add_argument("--out", required=True, help="CSV table to write")
+        a = p.parse_args(argv[1:])
+        aggregate(a.inputs, a.out)
+    else:
+        _eval_main(argv)
+
+
+if __name__ == "__main__":
+    main()

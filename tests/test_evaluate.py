@@ -1,0 +1,114 @@
+"""Evaluation stage (spec §6): Wilson interval, CLI end to end, aggregation."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ript.evaluate import main as eval_main
+from ript.evaluate import wilson_interval
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads and lose a lot on a busy 2-core box."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny_quest_parts():
+    from ript.models.autoencoder import SkillVAE
+    from ript.models.encoders import ObsEncoder
+    from ript.models.prior import SkillGPT
+
+    torch.manual_seed(0)
+    vae = SkillVAE(4, chunk_size=8, downsample=2, d_model=16, enc_layers=1, dec_layers=1,
+                   heads=2, ffn=32, dropout=0.0, codebook_size=64)
+    enc = ObsEncoder({"obs_gt": 39, "robot_states": 8}, [], d_model=16, lowdim_width=8,
+                     n_tasks=50)
+    prior = SkillGPT(vocab_size=vae.vocab_size, n_tokens=vae.n_tokens, d_model=16, layers=1,
+                     heads=2, ffn=32, dropout=0.0)
+    return vae, enc, prior
+
+
+def test_wilson_interval_hand_computed():
+    # z = 1.96, n = 10: z²/n = 0.38416, denominator 1.38416.
+    # 0/10: centre = half = 0.19208 / 1.38416 = 0.138770 -> [0, 0.277540]
+    assert wilson_interval(0, 10) == (0.0, pytest.approx(0.277540, abs=1e-6))
+    # 10/10 mirrors it: [1 - 0.277540, 1]
+    assert wilson_interval(10, 10) == (pytest.approx(0.722460, abs=1e-6), 1.0)
+    # 5/10: centre 0.5, half = 1.96 * sqrt(0.025 + 0.009604) / 1.38416 = 0.263410
+    lo, hi = wilson_interval(5, 10)
+    assert lo == pytest.approx(0.236590, abs=1e-6) and hi == pytest.approx(0.763410, abs=1e-6)
+    with pytest.raises(ValueError):
+        wilson_interval(11, 10)
+
+
+def test_evaluate_cli_end_to_end(tmp_path):
+    from ript.data.dataset import load_contexts
+    from ript.data.metaworld_demos import DataConfig, generate
+
+    generate("reach-v3", DataConfig(tasks=["reach-v3"], demos_per_task=3), 0,
+             tmp_path / "reach.hdf5")
+    demo_variants = {c.variant for c in load_contexts([tmp_path / "reach.hdf5"])}
+    cfg = '{"episodes_per_task": 4, "n_envs": 2, "n_workers": 1, "max_episode_steps": 150}'
+    common = ["--task", "reach-v3", "--config", cfg, "--experiment-dir", str(tmp_path),
+              "--seed", "3", "--experiment", "e2e"]
+    for name, ckpt, flags in (("expert", "scripted:expert", []),
+                              ("again", "scripted:expert", ["--no-mlflow"]),
+                              ("random", "scripted:random", ["--no-mlflow"])):
+        eval_main(["--checkpoint", ckpt, "--out-dir", str(tmp_path / name),
+                   "--policy-name", name, *common, *flags])
+    metrics = json.loads((tmp_path / "expert" / "metrics.jsonl").read_text())
+    assert metrics["success_rate"] == 1.0 and (tmp_path / "mlflow.db").exists()
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = mlflow.search_runs(experiment_names=["e2e"], output_format="list")
+    assert run.data.tags["stage"] == "eval-expert" and run.data.metrics["success_rate"] == 1.0
+    rows = list(csv.DictReader(open(tmp_path / "expert" / "episodes.csv")))
+    assert [r["variant"] for r in rows] == ["25", "26", "27", "28"]
+    assert not demo_variants & {int(r["variant"]) for r in rows}
+    assert (tmp_path / "expert" / "episodes.csv").read_text() == \
+        (tmp_path / "again" / "episodes.csv").read_text()  # deterministic under a seed
+    s = json.loads((tmp_path / "expert" / "summary.json").read_text())
+    assert s["episodes"] == 4 and s["successes"] == 4 and s["policy"] == "expert"
+    assert (s["wilson_low"], s["wilson_high"]) == wilson_interval(4, 4)
+    assert s["mean_length"] == np.mean([int(r["length"]) for r in rows])
+    eval_main(["aggregate", "--inputs", str(tmp_path / "expert" / "summary.json"),
+               str(tmp_path / "random" / "summary.json"), "--out", str(tmp_path / "t.csv")])
+    table = list(csv.DictReader(open(tmp_path / "t.csv")))
+    assert [t["task"] for t in table] == ["reach-v3", "reach-v3", "mean"]
+    rnd = json.loads((tmp_path / "random" / "summary.json").read_text())
+    assert float(table[-1]["success_rate"]) == pytest.approx((1 + rnd["success_rate"]) / 2)
+    assert float(table[-1]["wilson_low"]) == pytest.approx(
+        wilson_interval(4 + rnd["successes"], 8)[0])
+
+
+
+
+def test_evaluate_cli_with_policy_checkpoint(tmp_path, one_thread):
+    """A final policy file as the training stages write it, loaded by ript.train.checkpoint."""
+    from ript.models.policy import QuestPolicy
+    from ript.train.checkpoint import save
+
+    policy = QuestPolicy(*tiny_quest_parts(), action_horizon=4)
+    meta = {"obs_spec": {"image": False, "image_size": 128}, "task_names": ["reach-v3"],
+            "data": {"eval_variants": 20}}
+    save(tmp_path / "model.pt", {"kind": "policy", "arch": policy.arch, "meta": meta,
+                                 "state_dict": policy.state_dict()})
+    args = ["--checkpoint", str(tmp_path / "model.pt"), "--experiment-dir", str(tmp_path),
+            "--no-mlflow", "--policy-name", "sft", "--out-dir", str(tmp_path / "out")]
+    cfg = {"episodes_per_task": 2, "n_envs": 2, "n_workers": 0, "max_episode_steps": 12}
+    eval_main([*args, "--task", "reach-v3", "--config", json.dumps(cfg)])
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    # the policy's data held out the last 20 variants: evaluation uses exactly those
+    assert s["episodes"] == 2 and s["variants"] == [30, 31] and s["errors"] == 0
+    with pytest.raises(ValueError, match="expected one of"):  # a task the policy never saw
+        eval_main([*args, "--task", "push-v3", "--config", json.dumps(cfg)])
