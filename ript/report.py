@@ -136,7 +136,7 @@ def build(cfg: ReportConfig, *, sft_paths, ript_paths, ript_metrics, stage_metri
               for name in stage_rows]
     plt = _plt()
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
-    for ax, (title, keys), (name, rows) in zip(axes[0], panels, stage_rows.items()):
+    for ax, (title, keys), rows in zip(axes[0], panels, stage_rows.values()):
         ax.plot([r["step"] for r in rows], [r[keys[0]] for r in rows])
         ax.set_title(title)
         ax.set_xlabel("step")
@@ -146,7 +146,8 @@ def build(cfg: ReportConfig, *, sft_paths, ript_paths, ript_metrics, stage_metri
     plt.close(fig)
     times = wall_times(Path(bench_dir))
     ps, pr = pooled(sft), pooled(ript)
-    summary = {"sft": ps, "ript": pr, "lift_points": 100 * (pr["success_rate"] - ps["success_rate"]),
+    lift = 100 * (pr["success_rate"] - ps["success_rate"])
+    summary = {"sft": ps, "ript": pr, "lift_points": lift,
                "tasks": {t: {"sft": sft[t]["success_rate"], "ript": ript[t]["success_rate"]}
                          for t in sft},
                "wall_seconds": dict(times), "total_wall_seconds": sum(s for _, s in times)}
@@ -184,8 +185,9 @@ def _write_pages(cfg, out_dir, sft, ript, ps, pr, summary, times, full_config) -
                     for r in rows)
     times_html = "".join(f"<tr><td>{esc(j)}</td><td>{s:.1f}</td></tr>" for j, s in times)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(cfg.title)}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}</style>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
+td:first-child{{text-align:left}}</style>
 </head><body><h1>{esc(cfg.title)}</h1>
 <p>Held-out success: SFT <b>{100 * ps['success_rate']:.1f} %</b> → RIPT
 <b>{100 * pr['success_rate']:.1f} %</b> ({summary['lift_points']:+.1f} points).</p>

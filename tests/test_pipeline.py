@@ -155,8 +155,9 @@ def test_list_changes_names_the_changed_params(pipeline):
 
 
 def test_lint_and_format_are_clean():
-    lint = subprocess.run([str(BIN / "snakemake"), "--lint", "-s", str(REPO / "workflow" / "Snakefile"),
-                           "--configfile", str(REPO / "config" / "config.yaml"), "-d", str(REPO)],
+    snakefile = str(REPO / "workflow" / "Snakefile")
+    lint = subprocess.run([str(BIN / "snakemake"), "--lint", "-s", snakefile, "--configfile",
+                           str(REPO / "config" / "config.yaml"), "-d", str(REPO)],
                           capture_output=True, text=True, timeout=120)
     assert lint.returncode == 0, lint.stdout + lint.stderr
     fmt = subprocess.run([str(BIN / "snakefmt"), "--check", str(REPO / "workflow")],

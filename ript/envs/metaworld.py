@@ -67,7 +67,8 @@ class ObsSpec:
 class MetaWorldEnv:
     """One MetaWorld task with context resets and the observation mapping of spec §2.5."""
 
-    def __init__(self, task: str, obs: ObsSpec = ObsSpec(), max_episode_steps: int = 500):
+    def __init__(self, task: str, obs: ObsSpec | None = None, max_episode_steps: int = 500):
+        obs = obs or ObsSpec()
         bench = _benchmark(task)
         self.task = task
         self.task_id = task_id(task)

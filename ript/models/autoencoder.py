@@ -213,7 +213,8 @@ class SkillVAE(nn.Module):
                 dim=d_model, codebook_size=codebook_size, commitment_weight=commitment_weight
             )
             self._vocab = int(codebook_size)
-        self.decoder = SkillDecoder(action_dim, chunk_size, d_model, dec_layers, heads, ffn, dropout)
+        self.decoder = SkillDecoder(action_dim, chunk_size, d_model, dec_layers, heads, ffn,
+                                    dropout)
 
     @property
     def vocab_size(self) -> int:

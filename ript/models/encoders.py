@@ -35,7 +35,7 @@ class BasicBlock(nn.Module):
 
 
 class ResNetTrunk(nn.Module):
-    """ResNet-18 cut after layer2, trained from scratch (spec §4.1): (B,3,128,128)->(B,128,16,16)."""
+    """ResNet-18 cut after layer2, from scratch (spec §4.1): (B,3,128,128) -> (B,128,16,16)."""
 
     out_channels = 128
 

@@ -34,7 +34,8 @@ class CausalSelfAttention(nn.Module):
         """
         b, length, d = x.shape
         q, k, v = self.qkv(x).split(d, dim=-1)
-        q, k, v = (t.view(b, length, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.view(b, length, self.heads, d // self.heads).transpose(1, 2)
+                   for t in (q, k, v))
         if past is not None:
             if length != 1:
                 raise ValueError("cached attention supports one new position at a time")
@@ -136,13 +137,24 @@ class SkillGPT(nn.Module):
         h, _ = self._run(self._input(context, tokens[:, :-1]))
         return self.head(h[:, -self.n_tokens:])
 
-    def log_prob(self, context: Tensor, tokens: Tensor) -> Tensor:
-        """Full-softmax log p(z_i | context, z_<i) of the given tokens, (B, n) (spec §5.5).
+    def log_prob(self, context: Tensor, tokens: Tensor, top_k: int | None = None,
+                 temperature: float = 1.0) -> Tensor:
+        """log p(z_i | context, z_<i) of the given tokens, (B, n) (spec §5.5).
 
+        Default: the full softmax, as the original scores PPO ratios. With `top_k`, the
+        distribution the sampler actually draws from (logits / temperature truncated to the
+        current top k), which removes the behaviour/target mismatch of spec §8 B12; a token
+        that left the top k gets log-prob -50 (ratio ~ 0, no gradient).
         Dropout follows the module's mode; PPO must call this in eval mode (spec §8 B15).
         """
-        logp = torch.log_softmax(self.logits(context, tokens).float(), dim=-1)
-        return logp.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+        logits = self.logits(context, tokens).float()
+        if top_k is not None:
+            logits = logits / temperature
+            kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        logp = torch.log_softmax(logits, dim=-1)
+        logp = logp.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+        return logp.clamp_min(-50.0) if top_k is not None else logp
 
     def ce_loss(self, context: Tensor, tokens: Tensor) -> Tensor:
         """Mean cross-entropy over batch and the n positions (spec §4.2)."""

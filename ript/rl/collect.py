@@ -60,9 +60,10 @@ class CollectStats:
 
 def collect(runner, policy, sampler: ContextSampler, *, group_size: int, target_groups: int,
             global_target: int, max_rejected: int, dynamic_sampling: bool,
-            early_stop_fraction: float, seed: int, iteration: int, dist) -> tuple[list[Episode],
-                                                                                   CollectStats]:
-    """Collect this rank's informative groups; `target_groups` is the per-rank share."""
+            early_stop_fraction: float, seed: int, iteration: int, dist,
+            sampled_logp: bool = False) -> tuple[list[Episode], CollectStats]:
+    """Collect this rank's informative groups; `target_groups` is the per-rank share.
+    `sampled_logp` stores ℓ_old of the truncated top-k distribution instead of the full one."""
     sampler_state = DynamicSampler(target_groups, max_rejected, dynamic_sampling)
     stats = CollectStats()
     episodes: list[Episode] = []
@@ -99,7 +100,8 @@ def collect(runner, policy, sampler: ContextSampler, *, group_size: int, target_
                     episodes.append(Episode(
                         context_id=rec.context_id, task_id=policy_task_id(rec.task),
                         success=bool(rec.success), contexts=rec.contexts, tokens=rec.tokens,
-                        logp=rec.logp, valid_steps=rec.valid_steps, advantage=float(a)))
+                        logp=rec.logp_topk if sampled_logp else rec.logp,
+                        valid_steps=rec.valid_steps, advantage=float(a)))
         accepted, ranks_done = dist.sum([sampler_state.accepted, float(sampler_state.done)])
         if should_stop(int(accepted), early_stop_fraction, global_target):
             stats.stop_reason = "early_stop"

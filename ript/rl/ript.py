@@ -74,6 +74,9 @@ class RiptConfig:
     """Average the loss over all valid tokens of a minibatch (else per episode, §5.6)."""
     kl_coef: float = 0.0
     """Optional KL(π_θ ‖ π_SFT) penalty; off as in the original (whose kl_coef was unused)."""
+    ratio_distribution: Literal["full_softmax", "sampled_topk"] = "full_softmax"
+    """Token distribution of the PPO ratio: the full softmax (the original) or the top-k
+    distribution rollouts actually sample from (removes the mismatch of spec §8 B12)."""
     max_episode_steps: int = 500
     """Step limit of a rollout (500 in MetaWorld, 600 in LIBERO)."""
     n_envs: int = 16
@@ -183,15 +186,15 @@ class Ript:
             target_groups=self.rank_groups, global_target=cfg.contexts_per_iteration,
             max_rejected=cfg.max_rejected_groups, dynamic_sampling=cfg.dynamic_sampling,
             early_stop_fraction=cfg.early_stop_fraction, seed=self.seed, iteration=iteration,
-            dist=self.dist)
+            dist=self.dist, sampled_logp=cfg.ratio_distribution == "sampled_topk")
         t1 = time.perf_counter()
         buffer = RolloutBuffer(episodes)
         buffer.pad_to(self.rank_groups * cfg.group_size)
         entropy = self._entropy(buffer)
         self.policy.eval()  # ℓ_new and ℓ_old both without dropout (spec §5.5, §8 B15)
-        ref = self.reference.log_prob if self.reference is not None else None
+        ref = self._log_prob_fn(self.reference) if self.reference is not None else None
         upd = ppo_update(
-            self.policy.log_prob, self.params, self.opt, buffer, self.ppo, cfg.ppo_epochs,
+            self._log_prob_fn(self.policy), self.params, self.opt, buffer, self.ppo, cfg.ppo_epochs,
             self.rank_minibatch, cfg.grad_clip,
             torch.Generator().manual_seed(derived_seed(self.seed, self.dist.rank, iteration, 3)),
             all_reduce_grads=self.dist.average_grads if self.dist.enabled else None,
@@ -204,6 +207,13 @@ class Ript:
                 "rollout_seconds": t1 - t0, "update_seconds": t2 - t1,
                 "env_steps_per_s": st.env_steps / max(t1 - t0, 1e-9), "token_entropy": entropy,
                 **{k: v for k, v in upd.items() if isinstance(v, (int, float))}}
+
+    def _log_prob_fn(self, policy):
+        """ℓ(context, tokens) under the distribution chosen by `ratio_distribution`."""
+        if self.cfg.ratio_distribution == "full_softmax":
+            return policy.log_prob
+        return lambda c, t: policy.prior.log_prob(c, t, top_k=policy.top_k,
+                                                  temperature=policy.temperature)
 
     @torch.no_grad()
     def _entropy(self, buffer: RolloutBuffer) -> float:

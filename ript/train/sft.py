@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from torch.utils.data import DataLoader
 
 from ript.config import from_dict, require, to_dict
 from ript.data.dataset import SequenceDataset
