@@ -93,7 +93,8 @@ def main() -> None:
         n_par = sum(p.numel() for p in policy.parameters()) / 1e6
         r0 = train_rate(policy, 0, batch[size], iters[size])
         r1 = train_rate(policy, 1, batch[size], iters[size])
-        lat = {(b, c): sample_latency_ms(policy, b, c, reps) for b in (1, 16) for c in (True, False)}
+        lat = {(b, c): sample_latency_ms(policy, b, c, reps)
+               for b in (1, 16) for c in (True, False)}
         rows.append((size, n_par, batch[size], r0, r1, lat))
 
     load = os.getloadavg()[0]

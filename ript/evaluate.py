@@ -29,7 +29,7 @@ import numpy as np
 from ript.config import from_dict, require, to_dict
 from ript.envs.runner import (EpisodeContext, EpisodeRecord, MetaWorldRunner, RandomPolicy,
                               ScriptedExpertPolicy)
-from ript.utils import atomic_path, seed_everything, write_json
+from ript.utils import atomic_path, derived_seed, seed_everything, write_json
 
 # The data stage's default; used when a checkpoint carries no data settings (scripted policies).
 DEFAULT_EVAL_VARIANTS = 25
@@ -89,10 +89,6 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return low, high
 
 
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
 def eval_contexts(task: str, cfg: EvalConfig, seed: int,
                   eval_variants: int = DEFAULT_EVAL_VARIANTS) -> list[EpisodeContext]:
     """Episode i → held-out variant (MetaWorld) or fixed init state (LIBERO) i mod count, with
@@ -106,7 +102,7 @@ def eval_contexts(task: str, cfg: EvalConfig, seed: int,
 
         tid = task_index(cfg.suite, task)
         pool = list(range(len(task_init_states(cfg.suite, task))))
-    return [EpisodeContext(i, task, pool[i % len(pool)], _seed(seed, tid, i))
+    return [EpisodeContext(i, task, pool[i % len(pool)], derived_seed(seed, tid, i))
             for i in range(cfg.episodes_per_task)]
 
 
@@ -146,7 +142,7 @@ def evaluate(policy, task: str, cfg: EvalConfig, seed: int, obs_spec: dict,
     contexts = eval_contexts(task, cfg, seed, eval_variants)
     with make_runner(cfg, obs_spec) as runner:
         tid = runner.factory.task_id(task)
-        return runner.run(policy, contexts, seed=_seed(seed, tid, 2**31), tasks=task_names,
+        return runner.run(policy, contexts, seed=derived_seed(seed, tid, 2**31), tasks=task_names,
                           progress_desc=f"eval {task}", video_episodes=cfg.videos)
 
 

@@ -114,3 +114,8 @@ def progress(iterable=None, **kwargs):
     kwargs.setdefault("disable", not progress_enabled())
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, **kwargs)
+
+
+def derived_seed(*parts: int) -> int:
+    """A 31-bit seed from several integers (seed, rank, iteration, ...), stable across runs."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] >> 1)

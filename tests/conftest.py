@@ -40,3 +40,21 @@ def run_snakemake(workdir: Path, config: dict | Path, *args: str, timeout: int =
 def tiny_data_cfg() -> dict:
     return {"tasks": ["reach-v3"], "demos_per_task": 2, "max_episode_steps": 120,
             "action_noise": 0.2}
+
+
+def tiny_quest_parts():
+    """A tiny, untrained QueST (autoencoder, obs encoder, prior) for fast real-model tests."""
+    from ript.models.autoencoder import SkillVAE
+    from ript.models.encoders import ObsEncoder
+    from ript.models.prior import SkillGPT
+
+    import torch
+
+    torch.manual_seed(0)
+    vae = SkillVAE(4, chunk_size=8, downsample=2, d_model=16, enc_layers=1, dec_layers=1,
+                   heads=2, ffn=32, dropout=0.0, codebook_size=64)
+    enc = ObsEncoder({"obs_gt": 39, "robot_states": 8}, [], d_model=16, lowdim_width=8,
+                     n_tasks=50)
+    prior = SkillGPT(vocab_size=vae.vocab_size, n_tokens=vae.n_tokens, d_model=16, layers=1,
+                     heads=2, ffn=32, dropout=0.0)
+    return vae, enc, prior

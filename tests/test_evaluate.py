@@ -12,6 +12,8 @@ import torch
 from ript.evaluate import main as eval_main
 from ript.evaluate import wilson_interval
 
+from conftest import tiny_quest_parts
+
 
 @pytest.fixture
 def one_thread():
@@ -20,21 +22,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
-
-
-def tiny_quest_parts():
-    from ript.models.autoencoder import SkillVAE
-    from ript.models.encoders import ObsEncoder
-    from ript.models.prior import SkillGPT
-
-    torch.manual_seed(0)
-    vae = SkillVAE(4, chunk_size=8, downsample=2, d_model=16, enc_layers=1, dec_layers=1,
-                   heads=2, ffn=32, dropout=0.0, codebook_size=64)
-    enc = ObsEncoder({"obs_gt": 39, "robot_states": 8}, [], d_model=16, lowdim_width=8,
-                     n_tasks=50)
-    prior = SkillGPT(vocab_size=vae.vocab_size, n_tokens=vae.n_tokens, d_model=16, layers=1,
-                     heads=2, ffn=32, dropout=0.0)
-    return vae, enc, prior
 
 
 def test_wilson_interval_hand_computed():
@@ -89,8 +76,6 @@ def test_evaluate_cli_end_to_end(tmp_path):
     assert float(table[-1]["success_rate"]) == pytest.approx((1 + rnd["success_rate"]) / 2)
     assert float(table[-1]["wilson_low"]) == pytest.approx(
         wilson_interval(4 + rnd["successes"], 8)[0])
-
-
 
 
 def test_evaluate_cli_with_policy_checkpoint(tmp_path, one_thread):

@@ -163,3 +163,11 @@ def test_lint_and_format_are_clean():
     fmt = subprocess.run([str(BIN / "snakefmt"), "--check", str(REPO / "workflow")],
                          capture_output=True, text=True, timeout=120)
     assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+
+
+def test_snakemake_report_builds_with_captions(pipeline):
+    out = pipeline["work"] / "snakemake_report.html"
+    pipeline["snake"](pipeline["cfg"], "--report", str(out))
+    text = out.read_text(errors="ignore")
+    assert out.stat().st_size > 10_000
+    assert "Wilson" in text  # a caption from workflow/report/

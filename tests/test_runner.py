@@ -23,6 +23,8 @@ from ript.envs.runner import (EnvRunner, EpisodeContext, MetaWorldRunner, Random
 from ript.envs.worker import MetaWorldFactory
 from ript.models.policy import ReplanRecord
 
+from conftest import tiny_quest_parts
+
 HELD_OUT = list(variant_split(25)[1])
 
 
@@ -275,21 +277,6 @@ def test_image_observations_with_forkserver_workers(tmp_path):
     assert recs[1].frames is None
     (video,) = save_videos(tmp_path, recs)
     assert video.exists() and video.stat().st_size > 0
-
-
-def tiny_quest_parts():
-    from ript.models.autoencoder import SkillVAE
-    from ript.models.encoders import ObsEncoder
-    from ript.models.prior import SkillGPT
-
-    torch.manual_seed(0)
-    vae = SkillVAE(4, chunk_size=8, downsample=2, d_model=16, enc_layers=1, dec_layers=1,
-                   heads=2, ffn=32, dropout=0.0, codebook_size=64)
-    enc = ObsEncoder({"obs_gt": 39, "robot_states": 8}, [], d_model=16, lowdim_width=8,
-                     n_tasks=50)
-    prior = SkillGPT(vocab_size=vae.vocab_size, n_tokens=vae.n_tokens, d_model=16, layers=1,
-                     heads=2, ffn=32, dropout=0.0)
-    return vae, enc, prior
 
 
 def test_quest_policy_through_the_runner(one_thread):

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ript.envs.worker import EpisodeContext, MetaWorldFactory, WorkerPool, unpack
-from ript.utils import progress
+from ript.utils import derived_seed, progress
 
 __all__ = ["EpisodeContext", "EpisodeRecord", "EnvRunner", "MetaWorldRunner",
            "ScriptedExpertPolicy", "RandomPolicy", "episode_contexts"]
@@ -75,7 +75,7 @@ def episode_contexts(data_contexts, k: int = 1, seed: int = 0) -> list[EpisodeCo
     out = []
     for c in data_contexts:
         for j in range(k):
-            s = int(np.random.SeedSequence([seed, c.context_id, j]).generate_state(1)[0])
+            s = derived_seed(seed, c.context_id, j)
             init = np.asarray(c.init_state, np.float64) if len(c.init_state) else None
             out.append(EpisodeContext(c.context_id, c.task, c.variant, s, init))
     return out

@@ -20,11 +20,7 @@ from ript.data.dataset import Context
 from ript.envs.runner import episode_contexts
 from ript.rl.advantages import DynamicSampler, leave_one_out_advantages, should_stop
 from ript.rl.buffer import Episode
-
-
-def derived_seed(*parts: int) -> int:
-    """A 31-bit seed from several integers (seed, rank, iteration, ...), stable across runs."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] >> 1)
+from ript.utils import derived_seed
 
 
 class ContextSampler:

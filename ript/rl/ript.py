@@ -28,13 +28,13 @@ from ript.data.dataset import Context, load_contexts
 from ript.envs.metaworld import ObsSpec, task_id, variant_split
 from ript.envs.runner import EpisodeContext, MetaWorldRunner
 from ript.rl.buffer import RolloutBuffer
-from ript.rl.collect import ContextSampler, collect, derived_seed
+from ript.rl.collect import ContextSampler, collect
 from ript.rl.distributed import Dist
 from ript.rl.ppo import PPOConfig, ppo_update, token_entropy
 from ript.stage import add_common_args, load_block, setup_threads, stage_tracker
 from ript.train import checkpoint as ckpt
 from ript.train.loop import decay_groups
-from ript.utils import progress, seed_everything, stable_hash
+from ript.utils import derived_seed, progress, seed_everything, stable_hash
 
 
 @dataclass
