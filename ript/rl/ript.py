@@ -240,6 +240,8 @@ def run(args, cfg: RiptConfig) -> dict:
                                          [*files, Path(args.init)]]})
     resume = ckpt.load_resume_state(ckpt_dir / "latest.pt", resume_key)
     start = ript.restore(resume) if resume else 0
+    if resume and dist.is_main:
+        print(f"ript: resuming after iteration {start} of {cfg.iterations}", flush=True)
     args.no_mlflow = args.no_mlflow or not dist.is_main
     tracker = stage_tracker(args, "ript", to_dict(cfg), metrics=ckpt_dir / "metrics.jsonl",
                             run_id=resume["mlflow_run_id"] if resume else None)

@@ -105,6 +105,7 @@ def train_loop(model, loss_fn, groups, dataset: Dataset, cfg: OptimConfig, track
         ckpt.set_rng_state(resume["rng"])
         step = resume["step"]
         tracker.truncate_after(step)
+        print(f"{tracker.stage}: resuming from step {step} of {cfg.steps}", flush=True)
     params = [p for g in groups for p in g["params"]]
 
     def save_state():
