@@ -129,7 +129,7 @@ def build(cfg: ReportConfig, *, sft_paths, ript_paths, ript_metrics, stage_metri
     rl_rows = read_jsonl(ript_metrics)
     curves(rl_rows, [("success", ["train_success", "eval_success"]),
                      ("groups per iteration", ["groups_kept", "groups_rejected"]),
-                     ("PPO", ["clip_frac", "approx_kl"])],
+                     ("PPO", ["clip_frac", "ratio_mean"])],
            out_dir / "ript_curves.png", cfg.dpi, "RIPT iteration")
     stage_rows = {Path(p).parent.name: read_jsonl(p) for p in stage_metrics}
     panels = [(f"{name} loss", ["recon_l1"] if name == "autoencoder" else ["ce"])

@@ -34,13 +34,26 @@ def tracking_uri(experiment_dir: str | Path) -> str:
     return f"sqlite:///{(Path(experiment_dir) / 'mlflow.db').resolve()}"
 
 
+def use_tracking_uri(uri: str) -> None:
+    """mlflow.set_tracking_uri without its side effect of exporting MLFLOW_TRACKING_URI: a
+    user's variable must keep meaning 'the user chose this store' for every later stage."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def init_store(experiment_dir: str | Path, experiment: str) -> dict[str, str]:
     """Create the store and the experiment once, before parallel jobs race to do it."""
     import mlflow
 
     uri = tracking_uri(experiment_dir)
     Path(experiment_dir).mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
+    use_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else mlflow.create_experiment(experiment)
     return {"tracking_uri": uri, "experiment": experiment, "experiment_id": str(exp_id)}
@@ -111,7 +124,7 @@ class StageTracker:
 
     def _start(self):
         mlflow = self._mlflow
-        mlflow.set_tracking_uri(tracking_uri(self.experiment_dir))
+        use_tracking_uri(tracking_uri(self.experiment_dir))
         if self.run_id:
             mlflow.start_run(run_id=self.run_id)
         else:

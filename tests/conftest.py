@@ -36,6 +36,17 @@ def run_snakemake(workdir: Path, config: dict | Path, *args: str, timeout: int =
     return proc
 
 
+def mlflow_runs(db: Path, experiment: str) -> list:
+    """Runs of `experiment` in a SQLite store, read without touching the process-wide MLflow
+    state (mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI to every later subprocess)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment!r} in {db}"
+    return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
 @pytest.fixture
 def tiny_data_cfg() -> dict:
     return {"tasks": ["reach-v3"], "demos_per_task": 2, "max_episode_steps": 120,

@@ -208,3 +208,18 @@ def test_image_observations_recorded_upright(tmp_path):
     assert img.shape == (1, 3, 128, 128) and img.dtype.is_floating_point is False
     # upright: the table (bottom of the picture) is darker-brown than the wall/sky at the top
     assert img[0, :, :20].float().mean() > img[0, :, -20:].float().mean()
+
+
+def test_tracking_leaves_the_users_mlflow_variable_alone(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; a stage must not leak its store
+    into the environment of later stages (they would log into the wrong experiment folder)."""
+    import os
+
+    from ript.tracking import StageTracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with StageTracker(experiment_dir=tmp_path, experiment="x", stage="data", pipeline_id="p",
+                      metrics_path=tmp_path / "m.jsonl", params={}) as tr:
+        tr.log_metrics({"a": 1.0}, step=0)
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert (tmp_path / "mlflow.db").exists()

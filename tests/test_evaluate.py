@@ -12,7 +12,7 @@ import torch
 from ript.evaluate import main as eval_main
 from ript.evaluate import wilson_interval
 
-from conftest import tiny_quest_parts
+from conftest import mlflow_runs, tiny_quest_parts
 
 
 @pytest.fixture
@@ -54,10 +54,7 @@ def test_evaluate_cli_end_to_end(tmp_path):
                    "--policy-name", name, *common, *flags])
     metrics = json.loads((tmp_path / "expert" / "metrics.jsonl").read_text())
     assert metrics["success_rate"] == 1.0 and (tmp_path / "mlflow.db").exists()
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (run,) = mlflow.search_runs(experiment_names=["e2e"], output_format="list")
+    _, (run,) = mlflow_runs(tmp_path / "mlflow.db", "e2e")
     assert run.data.tags["stage"] == "eval-expert" and run.data.metrics["success_rate"] == 1.0
     rows = list(csv.DictReader(open(tmp_path / "expert" / "episodes.csv")))
     assert [r["variant"] for r in rows] == ["25", "26", "27", "28"]

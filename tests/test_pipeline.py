@@ -13,7 +13,7 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import BIN, REPO, run_snakemake
+from conftest import BIN, REPO, mlflow_runs, run_snakemake
 
 pytestmark = pytest.mark.slow
 
@@ -81,11 +81,7 @@ def test_report_holds_table_and_figures(pipeline):
 
 
 def test_mlflow_has_one_run_per_stage_job_with_the_pipeline_tag(pipeline):
-    import mlflow
-
-    db = pipeline["work"] / "results" / "tests" / "mlflow.db"
-    mlflow.set_tracking_uri(f"sqlite:///{db}")
-    runs = mlflow.search_runs(experiment_names=["tests"], output_format="list")
+    client, runs = mlflow_runs(pipeline["work"] / "results" / "tests" / "mlflow.db", "tests")
     stages = sorted(r.data.tags["stage"] for r in runs)
     n_tasks = len(pipeline["cfg"]["data"]["tasks"])
     assert stages == sorted(["data"] * n_tasks + ["autoencoder", "prior", "ript"]
@@ -93,7 +89,7 @@ def test_mlflow_has_one_run_per_stage_job_with_the_pipeline_tag(pipeline):
     assert len({r.data.tags["pipeline_id"] for r in runs}) == 1
     assert all(r.info.status == "FINISHED" for r in runs)
     ript_run = next(r for r in runs if r.data.tags["stage"] == "ript")
-    history = mlflow.MlflowClient().get_metric_history(ript_run.info.run_id, "train_success")
+    history = client.get_metric_history(ript_run.info.run_id, "train_success")
     assert [m.step for m in history] == [1, 2]  # one point per RIPT iteration
 
 

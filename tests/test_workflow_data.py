@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import REPO, run_snakemake
+from conftest import REPO, mlflow_runs, run_snakemake
 
 
 def test_default_config_dry_runs(tmp_path):
@@ -29,17 +29,15 @@ def test_bad_config_fails_at_parse_time_naming_the_key(tmp_path, tiny_data_cfg, 
 
 
 def test_data_stage_runs_tracks_and_is_idempotent(tmp_path, tiny_data_cfg):
-    import mlflow
-
     cfg = {"experiment": "tiny", "seed": 3, "data": tiny_data_cfg}
-    run_snakemake(tmp_path, cfg)
+    target = "results/tiny/data/reach-v3.hdf5"  # only the data stage of the DAG
+    run_snakemake(tmp_path, cfg, target)
     data = tmp_path / "results" / "tiny" / "data" / "reach-v3.hdf5"
     assert data.exists()
     assert (tmp_path / "logs" / "tiny" / "data" / "reach-v3.log").exists()
     assert (tmp_path / "results" / "tiny" / "benchmarks" / "data" / "reach-v3.tsv").exists()
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'results' / 'tiny' / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["tiny"], output_format="list")
+    client, runs = mlflow_runs(tmp_path / "results" / "tiny" / "mlflow.db", "tiny")
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED"
@@ -48,8 +46,8 @@ def test_data_stage_runs_tracks_and_is_idempotent(tmp_path, tiny_data_cfg):
     assert tags["pipeline_id"].startswith("tiny-") and tags["git_revision"]
     assert run.data.params["demos_per_task"] == "2"
     assert 0 < run.data.metrics["expert_success_rate"] <= 1
-    artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)]
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
     assert "reach-v3.hdf5" in artifacts
 
-    again = run_snakemake(tmp_path, cfg)
+    again = run_snakemake(tmp_path, cfg, target)
     assert "Nothing to be done" in again.stdout + again.stderr
