@@ -48,6 +48,17 @@ def mlflow_runs(db: Path, experiment: str) -> list:
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads and lose a lot on a busy 2-core box."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
 def tiny_data_cfg() -> dict:
     return {"tasks": ["reach-v3"], "demos_per_task": 2, "max_episode_steps": 120,
             "action_noise": 0.2}

@@ -7,21 +7,11 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from ript.evaluate import main as eval_main
 from ript.evaluate import wilson_interval
 
 from conftest import mlflow_runs, tiny_quest_parts
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models gain nothing from intra-op threads and lose a lot on a busy 2-core box."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def test_wilson_interval_hand_computed():

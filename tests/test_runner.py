@@ -28,15 +28,6 @@ from conftest import tiny_quest_parts
 HELD_OUT = list(variant_split(25)[1])
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models gain nothing from intra-op threads and lose a lot on a busy 2-core box."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def ctxs(task, variants, seed0=0):
     return [EpisodeContext(i, task, v, seed0 + i) for i, v in enumerate(variants)]
 
