@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ript.utils import git_revision
+from ript.utils import atomic_path, git_revision
 
 # Fail fast instead of retrying for minutes when a tracking server is down.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -170,10 +170,8 @@ class StageTracker:
 
     def export_metrics(self, dest: str | Path) -> None:
         """Copy the JSONL ground truth to a declared output (atomically)."""
-        dest = Path(dest)
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        shutil.copyfile(self.metrics_path, tmp)
-        os.replace(tmp, dest)
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(self.metrics_path, tmp)
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ript.data.dataset import Context
+from ript.envs.metaworld import task_id
 from ript.envs.runner import episode_contexts
 from ript.rl.advantages import DynamicSampler, leave_one_out_advantages, should_stop
 from ript.rl.buffer import Episode
@@ -94,7 +95,7 @@ def collect(runner, policy, sampler: ContextSampler, *, group_size: int, target_
                 adv = leave_one_out_advantages(rewards[None])[0]
                 for rec, a in zip(group, adv):
                     episodes.append(Episode(
-                        context_id=rec.context_id, task_id=policy_task_id(rec.task),
+                        context_id=rec.context_id, task_id=task_id(rec.task),
                         success=bool(rec.success), contexts=rec.contexts, tokens=rec.tokens,
                         logp=rec.logp_topk if sampled_logp else rec.logp,
                         valid_steps=rec.valid_steps, advantage=float(a)))
@@ -109,8 +110,3 @@ def collect(runner, policy, sampler: ContextSampler, *, group_size: int, target_
     stats.groups_rejected = sampler_state.rejected
     return episodes, stats
 
-
-def policy_task_id(task: str) -> int:
-    from ript.envs.metaworld import task_id
-
-    return task_id(task)

@@ -26,7 +26,8 @@ import torch
 from ript.config import from_dict, require, to_dict
 from ript.data.dataset import Context, load_contexts
 from ript.envs.metaworld import ObsSpec, task_id, variant_split
-from ript.envs.runner import EpisodeContext, MetaWorldRunner
+from ript.envs.runner import MetaWorldRunner
+from ript.evaluate import EvalConfig, eval_contexts
 from ript.rl.buffer import RolloutBuffer
 from ript.rl.collect import ContextSampler, collect
 from ript.rl.distributed import Dist
@@ -102,18 +103,6 @@ class RiptConfig:
                 "n_workers and kl_coef must be >= 0")
 
 
-def heldout_contexts(tasks: list[str], episodes: int, eval_variants: int,
-                     seed: int) -> list[EpisodeContext]:
-    """Evaluation contexts: the held-out variants of each task, cycled (never the demos')."""
-    _, variants = variant_split(eval_variants)
-    out = []
-    for task in tasks:
-        for i in range(episodes):
-            v = variants[i % len(variants)]
-            out.append(EpisodeContext(len(out), task, v, derived_seed(seed, v, i, len(task))))
-    return out
-
-
 def variant_contexts(tasks: list[str], eval_variants: int) -> list[Context]:
     """One context per (task, non-held-out variant); the variant alone fixes the start state."""
     train, _ = variant_split(eval_variants)
@@ -167,8 +156,11 @@ class Ript:
 
     def evaluate(self, iteration: int) -> dict[str, float]:
         """Held-out success per task, split across ranks and summed."""
-        ctxs = heldout_contexts(self.tasks, self.cfg.eval_episodes_per_task, self.eval_variants,
-                                self.seed)[self.dist.rank::self.dist.world]
+        # The evaluation stage's own held-out contexts (never a demo's or a RIPT context's).
+        cfg = EvalConfig(episodes_per_task=self.cfg.eval_episodes_per_task)
+        ctxs = [c for t in self.tasks for c in eval_contexts(t, cfg, self.seed,
+                                                             self.eval_variants)]
+        ctxs = ctxs[self.dist.rank::self.dist.world]
         recs = self.runner.run(self.policy, ctxs, seed=derived_seed(self.seed, 7, iteration,
                                                                     self.dist.rank))
         sums = self.dist.sum([sum(r.success for r in recs if r.task == t) for t in self.tasks]

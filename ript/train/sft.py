@@ -129,9 +129,9 @@ def data_meta(files: list[Path]) -> dict:
     keys = ("env_name", "image", "image_size", "eval_variants", "benchmark_seed", "action_noise")
     first = {k: metas[0].get(k) for k in keys}
     for f, m in zip(files[1:], metas[1:]):
-        ckpt_diff = {k: (m.get(k), first[k]) for k in keys if m.get(k) != first[k]}
-        if ckpt_diff:
-            raise ValueError(f"{f}: made with other settings than {files[0]}: {ckpt_diff}")
+        diff = {k: (m.get(k), first[k]) for k in keys if m.get(k) != first[k]}
+        if diff:
+            raise ValueError(f"{f}: made with other settings than {files[0]}: {diff}")
     return {**first, "tasks": [m["task"] for m in metas]}
 
 
