@@ -28,7 +28,7 @@ def build(size: str) -> QuestPolicy:
         prior = SkillGPT(vae.vocab_size, vae.n_tokens, d_model=128, layers=4, heads=4, ffn=512)
     else:  # paper defaults
         vae = SkillVAE(7)
-        enc = ObsEncoder(LOWDIM, ["agentview_rgb"], task_emb_dim=512)
+        enc = ObsEncoder(LOWDIM, ["agentview_rgb"], n_tasks=10, task_emb_dim=512)
         prior = SkillGPT(vae.vocab_size, vae.n_tokens)
     return QuestPolicy(vae, enc, prior)
 
@@ -37,11 +37,8 @@ def make_batch(policy: QuestPolicy, b: int) -> dict:
     obs = {k: torch.randn(b, d) for k, d in LOWDIM.items()}
     for k in policy.obs_encoder.rgb_keys:
         obs[k] = torch.randint(0, 256, (b, 3, 128, 128), dtype=torch.uint8)
-    if policy.obs_encoder.arch["n_tasks"] is not None:
-        task = {"task_id": torch.randint(0, 10, (b,))}
-    else:
-        task = {"task_emb": torch.randn(b, 512)}
-    return {"actions": torch.rand(b, 32, 7) * 2 - 1, "obs": obs, **task}
+    return {"actions": torch.rand(b, 32, 7) * 2 - 1, "obs": obs,
+            "task_id": torch.randint(0, 10, (b,))}
 
 
 def train_rate(policy: QuestPolicy, stage: int, b: int, iters: int) -> float:

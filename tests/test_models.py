@@ -174,7 +174,7 @@ def test_obs_encoder_shapes():
     torch.manual_seed(0)
     assert ResNetTrunk()(torch.rand(1, 3, 128, 128)).shape == (1, 128, 16, 16)
     enc = ObsEncoder({"joint": 7, "grip": 2}, ["cam", "wrist"], d_model=D, lowdim_width=8,
-                     image_width=16, task_emb_dim=12)
+                     image_width=16, n_tasks=3, task_emb_dim=12)
     obs = {"joint": torch.randn(2, 7), "grip": torch.randn(2, 2),
            "cam": torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8),
            "wrist": torch.rand(2, 3, 160, 160)}  # float, larger than 128 -> resized
@@ -188,7 +188,24 @@ def test_obs_encoder_shapes():
     with pytest.raises(KeyError, match="state"):
         low({"other": torch.randn(4, 3)}, torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="n_tasks"):
-        ObsEncoder({"state": 3}, [], d_model=D, n_tasks=5, task_emb_dim=8)
+        ObsEncoder({"state": 3}, [], d_model=D, n_tasks=0)
+    with pytest.raises(IndexError, match="out of range"):
+        low({"state": torch.randn(1, 3)}, torch.tensor([5]))
+
+
+def test_language_task_token_is_projection_of_the_table_row():
+    """Task ids index a frozen embedding table carried by the checkpoint (spec §2.3)."""
+    torch.manual_seed(0)
+    enc = ObsEncoder({"state": 3}, [], d_model=D, n_tasks=3, task_emb_dim=4)
+    table = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    enc.set_task_embeddings(table)
+    ctx = enc({"state": torch.randn(2, 3)}, torch.tensor([2, 0]))
+    expect = table[[2, 0]] @ enc.task_encoder.weight.T + enc.task_encoder.bias
+    assert torch.allclose(ctx[:, 0], expect)
+    assert "task_embeddings" in enc.state_dict()
+    assert not any(p is enc.task_embeddings for p in enc.parameters())  # frozen buffer
+    with pytest.raises(ValueError, match="shape"):
+        enc.set_task_embeddings(torch.zeros(2, 4))
 
 
 def test_augment_identity_in_eval_changes_in_train():

@@ -172,3 +172,40 @@ def test_unknown_config_key_is_named(demos, tmp_path):
 
     with pytest.raises(ConfigError, match="autoencoder: unknown key.*d_modle"):
         main(_cli(0, demos, tmp_path / "m.pt", {"d_modle": 32}))
+
+
+def test_epochs_set_the_step_count_from_the_data(demos, tmp_path):
+    """`train.epochs` (the original's unit, spec §3.5) = ceil(epochs × windows / batch)."""
+    from ript.data.dataset import SequenceDataset
+
+    windows = len(SequenceDataset(demos, None, seq_len=32))
+    out = tmp_path / "model.pt"
+    main(_cli(0, demos, out, {**TINY_AE, "train": _train(1, epochs=0.5, batch_size=64)}))
+    assert ckpt.load(out)["meta"]["steps"] == int(np.ceil(0.5 * np.ceil(windows / 64)))
+
+
+def test_few_shot_stage_2_on_tasks_the_prior_never_saw(demos, stage0, tmp_path):
+    """QueST's few-shot recipe (spec §4.5): stage 1 on pretraining tasks, stage 2 on others.
+    With language embeddings the vocabulary spans both task sets, so the target tasks keep the
+    ids (and table rows) stage 1 gave them."""
+    from ript.data.language import write_embeddings
+    from ript.envs.runner import _task_id
+
+    rng = np.random.default_rng(0)
+    emb = [tmp_path / "pre.npz", tmp_path / "target.npz"]
+    write_embeddings(emb[0], ["reach-v3"], ["reach"], rng.normal(size=(1, 6)), "minilm")
+    write_embeddings(emb[1], ["drawer-close-v3", "reach-v3"], ["close", "reach"],
+                     rng.normal(size=(2, 6)), "minilm")
+    s1 = tmp_path / "s1" / "model.pt"
+    main(_cli(1, demos[:1], s1, {**TINY_PRIOR, "train": _train(4)}, init=stage0,
+              extra=["--task-embeddings", *map(str, emb)]))
+    s2 = tmp_path / "s2" / "model.pt"
+    main(_cli(2, demos[1:], s2, {"enabled": True, "train": _train(4)}, init=s1))
+    policy, meta = ckpt.load_policy(s2)
+    assert policy.task_vocab == ["reach-v3", "drawer-close-v3"]  # first file wins, no dupes
+    assert meta["task_names"] == ["drawer-close-v3"] and meta["stage"] == 2
+    assert _task_id(policy, None, "drawer-close-v3") == 1
+    with pytest.raises(ValueError, match="not trained for task 'push-v3'"):
+        _task_id(policy, None, "push-v3")
+    table = policy.obs_encoder.task_embeddings
+    assert torch.equal(table[1], torch.as_tensor(np.load(emb[1])["embeddings"][0]))

@@ -36,10 +36,12 @@ class SequenceDataset(Dataset):
     def __init__(self, files: list[str | Path], obs_keys: list[str] | None, *, seq_len: int = 32,
                  frame_stack: int = 1, obs_seq_len: int = 1, pad_seq_length: bool = True,
                  pad_frame_stack: bool = True, expect: dict | None = None,
-                 demos_per_file: int | None = None):
+                 demos_per_file: int | None = None, task_ids: dict[str, int] | None = None):
         """obs_keys: observation keys to load (None or [] = actions only, as in stage 0).
         expect: file attributes that must match the config (e.g. image settings).
-        demos_per_file: use only the first n demos of each file (few-shot subsets)."""
+        demos_per_file: use only the first n demos of each file (few-shot subsets).
+        task_ids: task name -> id in the policy's task vocabulary (default: the files' own
+        `task_id`, MetaWorld's global index)."""
         if seq_len < 1 or frame_stack < 1 or obs_seq_len < 1:
             raise ValueError("seq_len, frame_stack and obs_seq_len must be >= 1")
         self.files = [Path(f) for f in files]
@@ -56,6 +58,11 @@ class SequenceDataset(Dataset):
                 if expect:
                     check_settings(path, attrs, expect)
                 self.tasks.append(attrs.get("task", path.stem))
+                if task_ids is not None:
+                    if self.tasks[-1] not in task_ids:
+                        raise DataError(f"{path}: task {self.tasks[-1]!r} is not in the "
+                                        f"policy's task vocabulary")
+                    attrs["task_id"] = task_ids[self.tasks[-1]]
                 keys = demo_keys(f)[:demos_per_file]
                 for key in keys:
                     self.demos.append(self._load_demo(f, fi, key, attrs))
@@ -79,7 +86,7 @@ class SequenceDataset(Dataset):
                 lowdim[k] = read_dataset(f, f"{base}/obs/{k}").astype(np.float32)
         self.image_keys = image_keys
         actions = read_dataset(f, f"{base}/actions").astype(np.float32)
-        tid = int(f[base].attrs.get("task_id", attrs.get("task_id", fi)))
+        tid = int(attrs["task_id"]) if "task_id" in attrs else fi
         return _Demo(fi, key, n, tid, actions, lowdim)
 
     def __len__(self) -> int:

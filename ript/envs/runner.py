@@ -81,6 +81,18 @@ def episode_contexts(data_contexts, k: int = 1, seed: int = 0) -> list[EpisodeCo
     return out
 
 
+def _task_id(policy, factory, task: str) -> int:
+    """The id the policy knows `task` by: its own vocabulary if it has one (a LIBERO policy
+    pretrained on one suite and fine-tuned on another), else the benchmark's index."""
+    vocab = getattr(policy, "task_vocab", None)
+    if vocab is None:
+        return factory.task_id(task)
+    if task not in vocab:
+        raise ValueError(f"the policy was not trained for task {task!r} (it knows "
+                         f"{len(vocab)} tasks: {', '.join(vocab[:5])}, ...)")
+    return vocab.index(task)
+
+
 def _reset_slots(policy, idx: list[int]) -> None:
     if hasattr(policy, "reset_envs"):
         policy.reset_envs(np.asarray(idx, dtype=np.int64))
@@ -115,7 +127,7 @@ class _Run:
         self.ready = np.zeros(B, bool)  # running and waiting for an action
         self.group = np.arange(B) % 2 if B >= 2 and runner.pipeline else np.zeros(B, int)
         self.task = np.zeros(B, np.int64)
-        self.task_ids = {t: runner.factory.task_id(t) for t in {c.task for c in contexts}}
+        self.task_ids = {t: _task_id(policy, runner.factory, t) for t in {c.task for c in contexts}}
         self.records: list[EpisodeRecord | None] = [None] * len(contexts)
         self.next = 0
 

@@ -206,8 +206,10 @@ class ObsEncoder(nn.Module):
 
     Per camera: ImageEncoder -> image_width; per low-dim key: Linear(dim -> lowdim_width);
     concatenation (cameras in ``rgb_keys`` order, then low-dim keys in dict order) -> Linear ->
-    one observation token. Task: Embedding(n_tasks, d) for ids, or Linear(task_emb_dim, d) for
-    (e.g. CLIP) embeddings; exactly one of the two must be given.
+    one observation token. Task (spec §2.3): ids index a vocabulary of ``n_tasks`` tasks; the
+    token is Embedding(n_tasks, d) (MetaWorld's one-hot), or, with ``task_emb_dim``, a frozen
+    table of language embeddings (n_tasks, task_emb_dim) -> Linear(task_emb_dim, d). The table
+    is a buffer, so a checkpoint carries the embeddings its task ids refer to.
     """
 
     def __init__(
@@ -217,15 +219,19 @@ class ObsEncoder(nn.Module):
         d_model: int = 384,
         lowdim_width: int = 128,
         image_width: int = 256,
-        n_tasks: int | None = None,
+        n_tasks: int = 50,
         task_emb_dim: int | None = None,
         augment: bool = True,
+        task_names: list[str] | None = None,
     ):
+        """task_names: the vocabulary (id -> task name) when known; policies map env task
+        names to ids with it, so the ids of a two-suite vocabulary (pretraining + few-shot
+        target) cannot be confused with a single suite's indices."""
         super().__init__()
-        if (n_tasks is None) == (task_emb_dim is None):
-            raise ValueError(
-                f"exactly one of n_tasks ({n_tasks}) / task_emb_dim ({task_emb_dim}) must be set"
-            )
+        if task_names is not None and len(task_names) != n_tasks:
+            raise ValueError(f"{len(task_names)} task_names for n_tasks={n_tasks}")
+        if n_tasks < 1 or (task_emb_dim is not None and task_emb_dim < 1):
+            raise ValueError(f"n_tasks ({n_tasks}) and task_emb_dim ({task_emb_dim}) must be >= 1")
         if not lowdim_dims and not rgb_keys:
             raise ValueError("ObsEncoder needs at least one low-dim or rgb key")
         for k in list(lowdim_dims) + list(rgb_keys):
@@ -235,7 +241,9 @@ class ObsEncoder(nn.Module):
             "lowdim_dims": dict(lowdim_dims), "rgb_keys": list(rgb_keys), "d_model": d_model,
             "lowdim_width": lowdim_width, "image_width": image_width, "n_tasks": n_tasks,
             "task_emb_dim": task_emb_dim, "augment": augment,
+            "task_names": None if task_names is None else list(task_names),
         }
+        self.task_names = None if task_names is None else list(task_names)
         self.d_model = d_model
         self.lowdim_dims = dict(lowdim_dims)
         self.rgb_keys = list(rgb_keys)
@@ -246,18 +254,34 @@ class ObsEncoder(nn.Module):
         fused = image_width * len(self.rgb_keys) + lowdim_width * len(self.lowdim_dims)
         self.fuse = nn.Linear(fused, d_model)
         self.augment = ImageAugment() if augment else nn.Identity()
-        if n_tasks is not None:
+        self.n_tasks = n_tasks
+        if task_emb_dim is None:
             self.task_encoder: nn.Module = nn.Embedding(n_tasks, d_model)
         else:
             self.task_encoder = nn.Linear(task_emb_dim, d_model)
+            self.register_buffer("task_embeddings", torch.zeros(n_tasks, task_emb_dim))
+
+    def set_task_embeddings(self, table: Tensor) -> None:
+        """Install the (n_tasks, task_emb_dim) language embeddings of the task vocabulary."""
+        if not hasattr(self, "task_embeddings"):
+            raise TypeError("this ObsEncoder has one-hot task ids (no task_emb_dim)")
+        if tuple(table.shape) != tuple(self.task_embeddings.shape):
+            raise ValueError(f"task embeddings of shape {tuple(table.shape)}, expected "
+                             f"{tuple(self.task_embeddings.shape)}")
+        self.task_embeddings.copy_(table)
 
     def encode_task(self, task: Tensor) -> Tensor:
-        """task ids (B,) long or embeddings (B, task_emb_dim) float -> (B, d_model)."""
-        if isinstance(self.task_encoder, nn.Embedding):
-            if task.is_floating_point():
+        """task ids (B,) long (or, with task_emb_dim, embeddings (B, D) float) -> (B, d)."""
+        if task.is_floating_point():
+            if isinstance(self.task_encoder, nn.Embedding):
                 raise TypeError("this ObsEncoder takes integer task ids, got a float tensor")
-            return self.task_encoder(task.long().reshape(-1))
-        return self.task_encoder(task.float())
+            return self.task_encoder(task.float())
+        ids = task.long().reshape(-1)
+        if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < self.n_tasks:
+            raise IndexError(f"task id out of range [0, {self.n_tasks}): {ids.tolist()}")
+        if isinstance(self.task_encoder, nn.Embedding):
+            return self.task_encoder(ids)
+        return self.task_encoder(self.task_embeddings[ids])
 
     def forward(self, obs: dict[str, Tensor], task: Tensor) -> Tensor:
         """obs {key: (B, ...)}, task (B,) or (B, D) -> context (B, 2, d_model)."""

@@ -94,6 +94,11 @@ class QuestPolicy(nn.Module):
         )
 
     @property
+    def task_vocab(self) -> list[str] | None:
+        """Task names by id, if the encoder knows them (runners map env tasks with it)."""
+        return self.obs_encoder.task_names
+
+    @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
@@ -174,8 +179,9 @@ class QuestPolicy(nn.Module):
                    monitor_l1: bool = False) -> tuple[Tensor, dict]:
         """Training loss for QueST stage 0, 1 or 2 (spec §3.5, §4.2, §4.5).
 
-        batch: actions (B, T, A) float, obs {key: (B, ...)}, task_id (B,) long or task_emb
-        (B, D), optional pad_mask (B, T) bool (True = real step; masks the L1 terms).
+        batch: actions (B, T, A) float, obs {key: (B, ...)}, task_id (B,) long (an index into
+        the encoder's task vocabulary), optional pad_mask (B, T) bool (True = real step; masks
+        the L1 terms).
         Stage 2 adds ``l1_weight`` * L1(decoder(z_hat), actions) with z_hat sampled per position
         from the prior's full teacher-forced softmax (no gradient through the sampling).
         ``monitor_l1`` computes that L1 as a metric in stage 1 too, without a graph (spec §8 B9).
@@ -194,9 +200,7 @@ class QuestPolicy(nn.Module):
         with torch.no_grad():
             _, targets, _ = ae.encode(actions)
         ae.train(was_training)
-        by_id = isinstance(self.obs_encoder.task_encoder, nn.Embedding)
-        task = batch["task_id"] if by_id else batch["task_emb"]
-        context = self.obs_encoder(batch["obs"], task)
+        context = self.obs_encoder(batch["obs"], batch["task_id"])
         logits = self.prior.logits(context, targets)
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         loss = ce

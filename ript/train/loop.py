@@ -3,6 +3,7 @@ exact resume, NaN guard, JSONL + MLflow metrics, tqdm progress."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,10 @@ class OptimConfig:
     """Optimisation of one supervised stage (spec §3.5, §4.3)."""
 
     steps: int = 2000
-    """Optimiser steps (the original counts epochs; steps make resume exact and cheap)."""
+    """Optimiser steps (resume is exact at any step)."""
+    epochs: float | None = None
+    """If set, train this many passes over the windows instead (the original's unit, spec §3.5,
+    §4.3): steps = ceil(epochs × windows / batch_size), known once the data is loaded."""
     batch_size: int = 256
     """Windows per batch (256 for stage 0 and 128 for stage 1 in the paper)."""
     lr: float = 1e-4
@@ -44,6 +48,14 @@ class OptimConfig:
         require(self.lr > 0 and 0 <= self.lr_min <= self.lr, "train.lr_min",
                 "needs 0 <= lr_min <= lr and lr > 0")
         require(self.num_workers >= 0, "train.num_workers", "must be >= 0")
+        require(self.epochs is None or self.epochs > 0, "train.epochs", "must be > 0")
+
+
+def gpu_memory(device: torch.device) -> dict[str, float]:
+    """Peak GPU memory so far in MiB (benchmarks/gpu_check.py reads it); nothing on CPU."""
+    if device.type != "cuda":
+        return {}
+    return {"gpu_mem_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20}
 
 
 def decay_groups(module: torch.nn.Module, named_params, weight_decay: float) -> list[dict]:
@@ -95,6 +107,9 @@ def train_loop(model, loss_fn, groups, dataset: Dataset, cfg: OptimConfig, track
     """Train `model` for cfg.steps; resumable from `resume` (a ckpt/latest.pt payload)."""
     if len(dataset) == 0:
         raise ValueError("empty dataset: no training windows")
+    if cfg.epochs is not None:
+        batches = math.ceil(len(dataset) / min(cfg.batch_size, len(dataset)))
+        cfg = dataclasses.replace(cfg, steps=max(1, math.ceil(cfg.epochs * batches)))
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, cfg))
     step = 0
@@ -136,7 +151,8 @@ def train_loop(model, loss_fn, groups, dataset: Dataset, cfg: OptimConfig, track
         sched.step()
         step += 1
         bar.update(1)
-        last = {**metrics, "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"]}
+        last = {**metrics, "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
+                **gpu_memory(device)}
         if step % cfg.log_every == 0 or step == cfg.steps:
             tracker.log_metrics(last, step)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")

@@ -126,7 +126,8 @@ def data_meta(files: list[Path]) -> dict:
     for f in files:
         with open_file(f) as h:
             metas.append(file_attrs(h))
-    keys = ("env_name", "image", "image_size", "eval_variants", "benchmark_seed", "action_noise")
+    keys = ("env_name", "suite", "image", "image_size", "eval_variants", "benchmark_seed",
+            "action_noise")
     first = {k: metas[0].get(k) for k in keys}
     for f, m in zip(files[1:], metas[1:]):
         diff = {k: (m.get(k), first[k]) for k in keys if m.get(k) != first[k]}
@@ -135,8 +136,31 @@ def data_meta(files: list[Path]) -> dict:
     return {**first, "tasks": [m["task"] for m in metas]}
 
 
+def task_vocabulary(meta: dict, embedding_files: list[Path]) -> tuple[list[str], object]:
+    """(task names by id, language-embedding table or None) of a new policy (spec §2.3).
+
+    With embedding files (LIBERO: one per suite, e.g. LIBERO-90 then LIBERO-10 for the few-shot
+    recipe) the vocabulary is their tasks in order, so stage 2 finds its target tasks already
+    there; MetaWorld keeps the original's one-hot over all 50 tasks; other data: its own tasks.
+    """
+    if embedding_files:
+        from ript.data.language import read_embeddings
+
+        names, rows = [], []
+        for f in embedding_files:
+            e = read_embeddings(f)
+            for n, row in zip(e["names"], e["embeddings"]):
+                if n not in names:
+                    names.append(n)
+                    rows.append(torch.as_tensor(row, dtype=torch.float32))
+        return names, torch.stack(rows)
+    if meta["env_name"] == "metaworld":
+        return all_tasks(), None
+    return list(meta["tasks"]), None
+
+
 def build_model(stage: int, cfg, init: Path | None, prev: dict | None,
-                dataset: SequenceDataset):
+                dataset: SequenceDataset, vocab: list[str], table):
     """The module trained by `stage` (SkillVAE for 0, the whole QuestPolicy for 1/2)."""
     if stage == 0:
         return SkillVAE(**cfg.arch(dataset.action_dim))
@@ -149,7 +173,10 @@ def build_model(stage: int, cfg, init: Path | None, prev: dict | None,
         obs_dims = {k: dataset.demos[0].lowdim[k].shape[-1] for k in cfg.lowdim_keys}
         enc = ObsEncoder(obs_dims, cfg.rgb_keys, d_model=cfg.d_model,
                          lowdim_width=cfg.lowdim_width, image_width=cfg.image_width,
-                         n_tasks=len(all_tasks()), augment=cfg.augment)
+                         n_tasks=len(vocab), augment=cfg.augment, task_names=vocab,
+                         task_emb_dim=None if table is None else table.shape[1])
+        if table is not None:
+            enc.set_task_embeddings(table)
         prior = SkillGPT(ae.vocab_size, ae.n_tokens, cfg.d_model, cfg.layers, cfg.heads,
                          cfg.ffn, cfg.dropout)
         return QuestPolicy(ae, enc, prior, cfg.action_horizon, cfg.top_k, cfg.temperature)
@@ -159,7 +186,7 @@ def build_model(stage: int, cfg, init: Path | None, prev: dict | None,
 
 
 def run_stage(stage: int, cfg, files: list[Path], out: Path, metrics_out: Path, args,
-              init: Path | None = None) -> dict:
+              init: Path | None = None, embedding_files: list[Path] | None = None) -> dict:
     seed_everything(args.seed)
     meta = data_meta(files)
     prev = ckpt.load(init) if stage > 0 else None
@@ -174,8 +201,16 @@ def run_stage(stage: int, cfg, files: list[Path], out: Path, metrics_out: Path, 
         obs_keys, chunk = cfg.lowdim_keys + cfg.rgb_keys, prev["arch"]["chunk_size"]
     else:
         obs_keys, chunk = prev["meta"]["obs_keys"], prev["arch"]["autoencoder"]["chunk_size"]
-    dataset = SequenceDataset(files, obs_keys, seq_len=chunk, pad_seq_length=True)
-    model = build_model(stage, cfg, init, prev, dataset)
+    if stage == 0:
+        vocab, table = None, None
+    elif stage == 2:
+        vocab, table = prev["arch"]["obs_encoder"].get("task_names"), None
+    else:
+        vocab, table = task_vocabulary(meta, list(embedding_files or []))
+    task_ids = None if vocab is None else {t: i for i, t in enumerate(vocab)}
+    dataset = SequenceDataset(files, obs_keys, seq_len=chunk, pad_seq_length=True,
+                              task_ids=task_ids)
+    model = build_model(stage, cfg, init, prev, dataset, vocab, table)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     if stage == 0:
@@ -198,8 +233,8 @@ def run_stage(stage: int, cfg, files: list[Path], out: Path, metrics_out: Path, 
 
     ckpt_dir = out.parent / "ckpt"
     inputs = [(str(f), os.path.getsize(f), int(os.path.getmtime(f))) for f in files]
-    if init:
-        inputs.append((str(init), os.path.getsize(init), int(os.path.getmtime(init))))
+    for f in [init, *(embedding_files or [])] if init else list(embedding_files or []):
+        inputs.append((str(f), os.path.getsize(f), int(os.path.getmtime(f))))
     resume_key = stable_hash({"stage": stage, "cfg": to_dict(cfg), "seed": args.seed,
                               "inputs": inputs})
     resume = ckpt.load_resume_state(ckpt_dir / "latest.pt", resume_key)
@@ -233,6 +268,9 @@ def main(argv=None) -> None:
     p.add_argument("--stage", type=int, choices=[0, 1, 2], required=True)
     p.add_argument("--data", nargs="+", required=True, help="demonstration HDF5 files")
     p.add_argument("--init", help="model file of the previous stage (stages 1 and 2)")
+    p.add_argument("--task-embeddings", nargs="*", default=[],
+                   help="stage 1: language-embedding files (.npz, one per suite) of the task "
+                        "vocabulary; none = one-hot task ids")
     p.add_argument("--out", required=True, help="final model file")
     p.add_argument("--metrics", required=True, help="final JSONL metrics file")
     a = p.parse_args(argv)
@@ -241,7 +279,8 @@ def main(argv=None) -> None:
     if a.stage > 0 and not a.init:
         p.error(f"--stage {a.stage} needs --init (the previous stage's model file)")
     summary = run_stage(a.stage, cfg, [Path(f) for f in a.data], Path(a.out), Path(a.metrics),
-                        a, Path(a.init) if a.init else None)
+                        a, Path(a.init) if a.init else None,
+                        [Path(f) for f in a.task_embeddings])
     print({k: (round(v, 5) if isinstance(v, float) and math.isfinite(v) else v)
            for k, v in summary.items()})
 
