@@ -6,7 +6,8 @@
 
 MetaWorld evaluation uses only the held-out task variants (`variant_split`), cycling over them —
 never a demonstration's variant, so RIPT cannot have trained on an evaluation context. LIBERO
-evaluation (`suite` set) uses the benchmark's fixed init states in order (spec §6). Every episode
+evaluation (the policy's data came from a LIBERO suite) uses the benchmark's fixed init states in
+order (spec §6). Every episode
 has a recorded env seed derived from (seed, task, episode), and the policy samples from one seeded
 generator, so a rerun reproduces every episode (unlike the original, spec §8 B10).
 `--checkpoint scripted:expert` / `scripted:random` evaluate MetaWorld's scripted experts / uniform
@@ -52,8 +53,6 @@ class EvalConfig:
     """Save the first n episodes as videos (needs image observations)."""
     step_timeout_s: float = 60.0
     """Longest wait for a simulator worker before it is killed and its episodes failed."""
-    suite: str | None = None
-    """LIBERO suite (e.g. libero_goal) for LIBERO tasks; None = MetaWorld."""
     legacy_reset: bool = False
     """LIBERO only: the original's stale-first-observation reset (spec §8 B4), for parity."""
 
@@ -64,7 +63,10 @@ class EvalConfig:
         require(self.max_episode_steps >= 1, "evaluation.max_episode_steps", "must be >= 1")
         require(self.videos >= 0, "evaluation.videos", "must be >= 0")
         require(self.step_timeout_s > 0, "evaluation.step_timeout_s", "must be > 0")
-        if self.suite is None:
+
+    def check_benchmark(self, suite: str | None) -> None:
+        """Limits that depend on the benchmark, known once the policy is loaded."""
+        if suite is None:
             require(self.max_episode_steps <= 500, "evaluation.max_episode_steps",
                     "MetaWorld episodes end at 500 steps")
 
@@ -90,18 +92,20 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 
 def eval_contexts(task: str, cfg: EvalConfig, seed: int,
-                  eval_variants: int = DEFAULT_EVAL_VARIANTS) -> list[EpisodeContext]:
-    """Episode i → held-out variant (MetaWorld) or fixed init state (LIBERO) i mod count, with
-    env seed derived from (seed, task id, i). `eval_variants` comes from the policy's data."""
-    if cfg.suite is None:
+                  eval_variants: int = DEFAULT_EVAL_VARIANTS,
+                  suite: str | None = None) -> list[EpisodeContext]:
+    """Episode i → held-out variant (MetaWorld) or fixed init state (LIBERO `suite`) i mod
+    count, with env seed derived from (seed, task id, i). `eval_variants` comes from the
+    policy's data."""
+    if suite is None:
         from ript.envs.metaworld import task_id, variant_split
 
         tid, pool = task_id(task), list(variant_split(eval_variants)[1])
     else:
         from ript.envs.libero import task_index, task_init_states
 
-        tid = task_index(cfg.suite, task)
-        pool = list(range(len(task_init_states(cfg.suite, task))))
+        tid = task_index(suite, task)
+        pool = list(range(len(task_init_states(suite, task))))
     return [EpisodeContext(i, task, pool[i % len(pool)], derived_seed(seed, tid, i))
             for i in range(cfg.episodes_per_task)]
 
@@ -121,15 +125,15 @@ def load_policy(checkpoint: str):
     return load(checkpoint)
 
 
-def make_runner(cfg: EvalConfig, obs_spec: dict):
-    if cfg.suite is None:
+def make_runner(cfg: EvalConfig, obs_spec: dict, suite: str | None = None):
+    if suite is None:
         from ript.envs.metaworld import ObsSpec
 
         return MetaWorldRunner(ObsSpec(**obs_spec), cfg.n_envs, cfg.n_workers,
                                cfg.max_episode_steps, cfg.step_timeout_s)
     from ript.envs.libero import LiberoRunner
 
-    return LiberoRunner(cfg.suite, cfg.n_envs, cfg.n_workers, cfg.max_episode_steps,
+    return LiberoRunner(suite, cfg.n_envs, cfg.n_workers, cfg.max_episode_steps,
                         image_size=obs_spec.get("image_size", 128),
                         image=obs_spec.get("image", True), legacy_reset=cfg.legacy_reset,
                         step_timeout_s=cfg.step_timeout_s)
@@ -137,10 +141,12 @@ def make_runner(cfg: EvalConfig, obs_spec: dict):
 
 def evaluate(policy, task: str, cfg: EvalConfig, seed: int, obs_spec: dict,
              task_names: list[str] | None = None,
-             eval_variants: int = DEFAULT_EVAL_VARIANTS) -> list[EpisodeRecord]:
+             eval_variants: int = DEFAULT_EVAL_VARIANTS,
+             suite: str | None = None) -> list[EpisodeRecord]:
     """Run the evaluation episodes of one task; deterministic under `seed`."""
-    contexts = eval_contexts(task, cfg, seed, eval_variants)
-    with make_runner(cfg, obs_spec) as runner:
+    cfg.check_benchmark(suite)
+    contexts = eval_contexts(task, cfg, seed, eval_variants, suite)
+    with make_runner(cfg, obs_spec, suite) as runner:
         tid = runner.factory.task_id(task)
         return runner.run(policy, contexts, seed=derived_seed(seed, tid, 2**31), tasks=task_names,
                           progress_desc=f"eval {task}", video_episodes=cfg.videos)
@@ -222,14 +228,16 @@ def _eval_main(argv) -> dict:
     seed_everything(args.seed)
     policy, meta = load_policy(args.checkpoint)
     # The held-out variants are the ones the policy's own data held out (never a demo's).
-    eval_variants = int((meta.get("data") or {}).get("eval_variants", DEFAULT_EVAL_VARIANTS))
+    data = meta.get("data") or {}
+    eval_variants = int(data.get("eval_variants") or DEFAULT_EVAL_VARIANTS)
+    suite = data.get("suite")  # LIBERO suite of the policy's data; None = MetaWorld
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with stage_tracker(args, f"eval-{args.policy_name}", to_dict(cfg),
                        metrics=out / "metrics.jsonl", task=args.task) as tracker:
         tracker.truncate_after(-1)  # a rerun replaces the previous evaluation's metrics
         records = evaluate(policy, args.task, cfg, args.seed, dict(meta["obs_spec"]),
-                           list(meta["task_names"]), eval_variants)
+                           list(meta["task_names"]), eval_variants, suite)
         summary = summarize(args.task, records, args.policy_name)
         summary.update(seed=args.seed, checkpoint=str(args.checkpoint),
                        variants=sorted({r.variant for r in records}))

@@ -100,7 +100,7 @@ def test_libero_runner_with_spawned_worker():
     from ript.evaluate import EvalConfig, eval_contexts
 
     task = suite_tasks(SUITE)[0]
-    contexts = eval_contexts(task, EvalConfig(episodes_per_task=2, suite=SUITE), seed=0)
+    contexts = eval_contexts(task, EvalConfig(episodes_per_task=2), seed=0, suite=SUITE)
     assert [c.variant for c in contexts] == [0, 1]
     with LiberoRunner(SUITE, n_envs=2, n_workers=1, max_episode_steps=3) as r:
         assert r.pool._mp.get_start_method() == "spawn"

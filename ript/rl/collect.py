@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from ript.data.dataset import Context
-from ript.envs.metaworld import task_id
 from ript.envs.runner import episode_contexts
 from ript.rl.advantages import DynamicSampler, leave_one_out_advantages, should_stop
 from ript.rl.buffer import Episode
@@ -74,6 +73,7 @@ def collect(runner, policy, sampler: ContextSampler, *, group_size: int, target_
             records = runner.run(policy, episode_contexts(ctxs, group_size, call_seed),
                                  seed=call_seed, capture_rl=True)
             call += 1
+            task_ids = {c.context_id: c.task_id for c in ctxs}
             groups = defaultdict(list)
             for rec in records:
                 groups[rec.context_id].append(rec)
@@ -95,7 +95,7 @@ def collect(runner, policy, sampler: ContextSampler, *, group_size: int, target_
                 adv = leave_one_out_advantages(rewards[None])[0]
                 for rec, a in zip(group, adv):
                     episodes.append(Episode(
-                        context_id=rec.context_id, task_id=task_id(rec.task),
+                        context_id=rec.context_id, task_id=task_ids[rec.context_id],
                         success=bool(rec.success), contexts=rec.contexts, tokens=rec.tokens,
                         logp=rec.logp_topk if sampled_logp else rec.logp,
                         valid_steps=rec.valid_steps, advantage=float(a)))

@@ -23,18 +23,18 @@ from pathlib import Path
 
 import torch
 
-from ript.config import from_dict, require, to_dict
+from ript.config import ConfigError, from_dict, require, to_dict
 from ript.data.dataset import Context, load_contexts
 from ript.envs.metaworld import ObsSpec, task_id, variant_split
 from ript.envs.runner import MetaWorldRunner
-from ript.evaluate import EvalConfig, eval_contexts
+from ript.evaluate import DEFAULT_EVAL_VARIANTS, EvalConfig, eval_contexts
 from ript.rl.buffer import RolloutBuffer
 from ript.rl.collect import ContextSampler, collect
 from ript.rl.distributed import Dist
 from ript.rl.ppo import PPOConfig, ppo_update, token_entropy
 from ript.stage import add_common_args, load_block, setup_threads, stage_tracker
 from ript.train import checkpoint as ckpt
-from ript.train.loop import decay_groups
+from ript.train.loop import decay_groups, gpu_memory
 from ript.utils import derived_seed, progress, seed_everything, stable_hash
 
 
@@ -45,8 +45,9 @@ class RiptConfig:
     iterations: int = 15
     """RIPT iterations (rollout collection + PPO); 15 for LIBERO-90, 30 for the suites."""
     contexts: Literal["demos", "train_variants"] = "demos"
-    """Context set D_c: one per SFT demo (the paper, §5.2), or every non-held-out MetaWorld task
-    variant (contexts need no demonstration; more contexts help, paper Fig. 6)."""
+    """Context set D_c: one per SFT demo, its first MuJoCo state (the paper, §5.2), or every
+    non-held-out MetaWorld task variant (MetaWorld only: contexts need no demonstration; more
+    contexts help, paper Fig. 6)."""
     group_size: int = 8
     """K rollouts per context (the paper reports K = 16, the scripts use 8)."""
     contexts_per_iteration: int = 180
@@ -122,15 +123,28 @@ class Ript:
         self.params = [p for _, p in named]
         self.opt = torch.optim.AdamW(decay_groups(self.policy, named, cfg.weight_decay), lr=cfg.lr)
         self.contexts = load_contexts(files)
+        data = self.meta["data"]
+        self.suite = data.get("suite")  # LIBERO suite, None for MetaWorld
         if cfg.contexts == "train_variants":
+            if self.suite is not None:
+                raise ConfigError("ript.contexts: train_variants exists for MetaWorld only; "
+                                  "LIBERO contexts are the demos' initial states (demos)")
             self.contexts = variant_contexts(sorted({c.task for c in self.contexts}),
                                              self.meta["data"]["eval_variants"])
         self.sampler = ContextSampler(self.contexts, seed, dist.rank, dist.world)
-        data = self.meta["data"]
         self.tasks = sorted({c.task for c in self.contexts})
-        self.eval_variants = data["eval_variants"]
-        self.runner = MetaWorldRunner(ObsSpec(data["image"], data["image_size"]), cfg.n_envs,
-                                      cfg.n_workers, cfg.max_episode_steps)
+        self.eval_variants = data.get("eval_variants")
+        if self.suite is None:
+            require(cfg.max_episode_steps <= 500, "ript.max_episode_steps",
+                    "MetaWorld episodes end at 500 steps")
+            self.runner = MetaWorldRunner(ObsSpec(data["image"], data["image_size"]),
+                                          cfg.n_envs, cfg.n_workers, cfg.max_episode_steps)
+        else:  # demo contexts restored with set_init_state, correct reset order (spec §2.6)
+            from ript.envs.libero import LiberoRunner
+
+            self.runner = LiberoRunner(self.suite, cfg.n_envs, cfg.n_workers,
+                                       cfg.max_episode_steps, image_size=data["image_size"],
+                                       image=data["image"])
         self.ppo = PPOConfig(cfg.clip_low, cfg.clip_high, cfg.token_level_mean, cfg.kl_coef)
         self.reference = None
         if cfg.kl_coef > 0:
@@ -158,8 +172,9 @@ class Ript:
         """Held-out success per task, split across ranks and summed."""
         # The evaluation stage's own held-out contexts (never a demo's or a RIPT context's).
         cfg = EvalConfig(episodes_per_task=self.cfg.eval_episodes_per_task)
-        ctxs = [c for t in self.tasks for c in eval_contexts(t, cfg, self.seed,
-                                                             self.eval_variants)]
+        variants = self.eval_variants or DEFAULT_EVAL_VARIANTS
+        ctxs = [c for t in self.tasks
+                for c in eval_contexts(t, cfg, self.seed, variants, self.suite)]
         ctxs = ctxs[self.dist.rank::self.dist.world]
         recs = self.runner.run(self.policy, ctxs, seed=derived_seed(self.seed, 7, iteration,
                                                                     self.dist.rank))
@@ -198,6 +213,7 @@ class Ript:
                 "groups_kept": s[3], "groups_rejected": s[4], "episode_errors": s[5],
                 "rollout_seconds": t1 - t0, "update_seconds": t2 - t1,
                 "env_steps_per_s": st.env_steps / max(t1 - t0, 1e-9), "token_entropy": entropy,
+                **gpu_memory(self.dist.device),
                 **{k: v for k, v in upd.items() if isinstance(v, (int, float))}}
 
     def _log_prob_fn(self, policy):
