@@ -3,7 +3,7 @@
 
 rule autoencoder:
     input:
-        data=DATA_FILES,
+        data=SFT_FILES,
     output:
         model=f"{RESULTS}/autoencoder/model.pt",
         metrics=f"{RESULTS}/autoencoder/metrics.jsonl",

@@ -3,13 +3,31 @@ import json
 import os
 import sys
 
+from ript.envs.tasks import resolve_tasks
 from ript.utils import source_hash, stable_hash
 
-EXP = config["experiment"]
+# A preset's variant (e.g. `paper`, config/paper.yaml) gets its own results, never the preset's.
+EXP = config["experiment"] + (f"-{config['variant']}" if config.get("variant") else "")
 RESULTS = f"results/{EXP}"
 LOGS = f"logs/{EXP}"
 SEED = config["seed"]
-TASKS = config["data"]["tasks"]
+DATA = config["data"]
+BENCHMARK = DATA["benchmark"]
+# Task lists checked against the benchmark now: a typo fails before any job is submitted.
+TASKS = resolve_tasks(BENCHMARK, DATA["tasks"], DATA.get("suite"))
+PRETRAIN = config.get("pretrain")
+PRETRAIN_TASKS = (
+    resolve_tasks(BENCHMARK, PRETRAIN["tasks"], PRETRAIN.get("suite"))
+    if PRETRAIN
+    else []
+)
+if PRETRAIN and not config["finetune"]["enabled"]:
+    raise ValueError(
+        "config: `pretrain` trains stages 0-1 on other tasks; stage 2 (finetune.enabled: "
+        "true) is what adapts the policy to data.tasks (spec §4.5)"
+    )
+if PRETRAIN and BENCHMARK == "libero" and not PRETRAIN.get("suite"):
+    raise ValueError("config: pretrain.suite is required for LIBERO")
 
 # Jobs find `python` of the environment that runs Snakemake (the project's .venv) first on
 # PATH, so no activation step is needed, also inside SLURM jobs (they re-read this file).
@@ -30,8 +48,46 @@ def as_json(block):
 
 
 DATA_FILES = expand(f"{RESULTS}/data/{{task}}.hdf5", task=TASKS)
+PRETRAIN_FILES = expand(f"{RESULTS}/pretrain_data/{{task}}.hdf5", task=PRETRAIN_TASKS)
+# Stages 0 and 1 learn from the pretraining tasks when there are some (spec §4.5).
+SFT_FILES = PRETRAIN_FILES or DATA_FILES
+# LIBERO's task token: one language-embedding file per suite, pretraining suite first (§2.3).
+SUITES = (
+    list(
+        dict.fromkeys(
+            [s for s in [(PRETRAIN or {}).get("suite"), DATA.get("suite")] if s]
+        )
+    )
+    if BENCHMARK == "libero"
+    else []
+)
+EMBEDDINGS = expand(f"{RESULTS}/embeddings/{{suite}}.npz", suite=SUITES)
 # Library modules whose edits invalidate the supervised stages (README: "What re-runs").
 TRAIN_CODE = ("train", "data/dataset.py", "data/hdf5.py")
+
+# What the data stage of each benchmark needs; other keys are left out of its params, so that
+# editing one benchmark's keys cannot invalidate the other's files.
+_DATA_KEYS = {
+    "metaworld": [
+        "action_noise",
+        "max_episode_steps",
+        "image",
+        "image_size",
+        "keep_failed",
+        "eval_variants",
+    ],
+    "libero": ["suite", "raw_dir", "download", "download_url"],
+}
+
+
+def data_block(split, task):
+    """The data stage's config for one task of `data` (targets) or `pretrain_data`."""
+    block = {k: DATA[k] for k in _DATA_KEYS[BENCHMARK] if k in DATA}
+    src = PRETRAIN if split == "pretrain_data" else DATA
+    block.update(tasks=[task], demos_per_task=src["demos_per_task"])
+    if BENCHMARK == "libero":
+        block.update(benchmark="libero", suite=src["suite"])
+    return block
 
 
 def sft_model():

@@ -1,4 +1,6 @@
-# Stage "data": MLflow store creation, then noisy scripted-expert demonstrations per task.
+# Stage "data": MLflow store creation, then one demonstration file per task: noisy scripted
+# experts (MetaWorld, spec §2.5) or the verified official LIBERO files (spec §2.1-2.2); and the
+# LIBERO task embeddings (spec §2.3).
 
 
 localrules:
@@ -19,15 +21,26 @@ rule mlflow_init:
         "python -m ript.tracking init --out {output} > {log} 2>&1"
 
 
+DATA_MODULE = {
+    "metaworld": (
+        "ript.data.metaworld_demos",
+        ("data/metaworld_demos.py", "data/hdf5.py", "envs/metaworld.py"),
+    ),
+    "libero": ("ript.data.libero_data", ("data/libero_data.py", "data/hdf5.py")),
+}[BENCHMARK]
+
+
 rule demos:
     input:
         rules.mlflow_init.output,
     output:
-        f"{RESULTS}/data/{{task}}.hdf5",
+        f"{RESULTS}/{{split}}/{{task}}.hdf5",
     log:
-        f"{LOGS}/data/{{task}}.log",
+        f"{LOGS}/{{split}}/{{task}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/data/{{task}}.tsv"
+        f"{RESULTS}/benchmarks/{{split}}/{{task}}.tsv"
+    wildcard_constraints:
+        split="data|pretrain_data",
     conda:
         "../envs/ript.yaml"
     threads: 1
@@ -37,8 +50,33 @@ rule demos:
     params:
         seed=SEED,
         # only this task's settings: adding a task does not regenerate the others
-        cfg=lambda w: as_json({**config["data"], "tasks": [w.task]}),
-        code=source_hash("data", "envs/metaworld.py"),
+        cfg=lambda w: as_json(data_block(w.split, w.task)),
+        module=DATA_MODULE[0],
+        code=source_hash(*DATA_MODULE[1]),
     shell:
-        "python -m ript.data.metaworld_demos --task {wildcards.task} --config {params.cfg:q} "
+        "python -m {params.module} --task {wildcards.task} --config {params.cfg:q} "
         "--out {output} --seed {params.seed} > {log} 2>&1"
+
+
+rule task_embeddings:
+    # Computed once per suite with an offline sentence encoder (or CLIP, with a network).
+    input:
+        rules.mlflow_init.output,
+    output:
+        f"{RESULTS}/embeddings/{{suite}}.npz",
+    log:
+        f"{LOGS}/embeddings/{{suite}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/embeddings/{{suite}}.tsv"
+    conda:
+        "../envs/ript.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        encoder=config["language"]["encoder"],
+        code=source_hash("data/language.py"),
+    shell:
+        "python -m ript.data.language --suite {wildcards.suite} --encoder {params.encoder} "
+        "--out {output} > {log} 2>&1"

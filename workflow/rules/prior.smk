@@ -3,7 +3,8 @@
 
 rule prior:
     input:
-        data=DATA_FILES,
+        data=SFT_FILES,
+        embeddings=EMBEDDINGS,
         init=rules.autoencoder.output.model,
     output:
         model=f"{RESULTS}/prior/model.pt",
@@ -24,5 +25,5 @@ rule prior:
         code=source_hash("models", *TRAIN_CODE),
     shell:
         "python -m ript.train.sft --stage 1 --data {input.data} --init {input.init} "
-        "--config {params.cfg:q} --out {output.model} --metrics {output.metrics} "
-        "--threads {threads} --seed {params.seed} > {log} 2>&1"
+        "--task-embeddings {input.embeddings} --config {params.cfg:q} --out {output.model} "
+        "--metrics {output.metrics} --threads {threads} --seed {params.seed} > {log} 2>&1"
