@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null \
+  || echo "nvidia-smi not found: no NVIDIA GPU visible, the check runs on the CPU"
 PRESET=${1:-libero_goal}
 WORK=${2:-}
 shift $(( $# > 2 ? 2 : $# ))
