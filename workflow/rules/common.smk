@@ -1,8 +1,11 @@
 # Helpers shared by the rules. No rules here.
+import dataclasses
 import json
 import os
 import sys
 
+from ript.data.libero_data import LiberoDataConfig
+from ript.data.metaworld_demos import DataConfig
 from ript.envs.tasks import resolve_tasks
 from ript.utils import source_hash, stable_hash
 
@@ -65,28 +68,19 @@ EMBEDDINGS = expand(f"{RESULTS}/embeddings/{{suite}}.npz", suite=SUITES)
 # Library modules whose edits invalidate the supervised stages (README: "What re-runs").
 TRAIN_CODE = ("train", "data/dataset.py", "data/hdf5.py")
 
-# What the data stage of each benchmark needs; other keys are left out of its params, so that
-# editing one benchmark's keys cannot invalidate the other's files.
-_DATA_KEYS = {
-    "metaworld": [
-        "action_noise",
-        "max_episode_steps",
-        "image",
-        "image_size",
-        "keep_failed",
-        "eval_variants",
-    ],
-    "libero": ["suite", "raw_dir", "download", "download_url"],
-}
+# The data stage's own keys, read from its config class: a key the stage does not know is left
+# out of its params, so editing one benchmark's keys cannot invalidate the other's files.
+_DATA_CONFIG = {"metaworld": DataConfig, "libero": LiberoDataConfig}[BENCHMARK]
+_DATA_KEYS = [f.name for f in dataclasses.fields(_DATA_CONFIG)]
 
 
 def data_block(split, task):
     """The data stage's config for one task of `data` (targets) or `pretrain_data`."""
-    block = {k: DATA[k] for k in _DATA_KEYS[BENCHMARK] if k in DATA}
+    block = {k: DATA[k] for k in _DATA_KEYS if k in DATA}
     src = PRETRAIN if split == "pretrain_data" else DATA
     block.update(tasks=[task], demos_per_task=src["demos_per_task"])
-    if BENCHMARK == "libero":
-        block.update(benchmark="libero", suite=src["suite"])
+    if "suite" in src:
+        block["suite"] = src["suite"]
     return block
 
 
