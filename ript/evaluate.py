@@ -7,9 +7,9 @@
 MetaWorld evaluation uses only the held-out task variants (`variant_split`), cycling over them —
 never a demonstration's variant, so RIPT cannot have trained on an evaluation context. LIBERO
 evaluation (the policy's data came from a LIBERO suite) uses the benchmark's fixed init states in
-order (spec §6). Every episode
-has a recorded env seed derived from (seed, task, episode), and the policy samples from one seeded
-generator, so a rerun reproduces every episode (unlike the original, spec §8 B10).
+order (spec §6). Every episode has a recorded env seed derived from (seed, task, episode), and the
+policy samples from one seeded generator, so a rerun reproduces every episode (unlike the
+original, spec §8 B10).
 `--checkpoint scripted:expert` / `scripted:random` evaluate MetaWorld's scripted experts / uniform
 random actions (reference rows and tests).
 """
@@ -63,12 +63,6 @@ class EvalConfig:
         require(self.max_episode_steps >= 1, "evaluation.max_episode_steps", "must be >= 1")
         require(self.videos >= 0, "evaluation.videos", "must be >= 0")
         require(self.step_timeout_s > 0, "evaluation.step_timeout_s", "must be > 0")
-
-    def check_benchmark(self, suite: str | None) -> None:
-        """Limits that depend on the benchmark, known once the policy is loaded."""
-        if suite is None:
-            require(self.max_episode_steps <= 500, "evaluation.max_episode_steps",
-                    "MetaWorld episodes end at 500 steps")
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -125,18 +119,24 @@ def load_policy(checkpoint: str):
     return load(checkpoint)
 
 
-def make_runner(cfg: EvalConfig, obs_spec: dict, suite: str | None = None):
+def make_runner(suite: str | None, obs_spec: dict, n_envs: int, n_workers: int,
+                max_episode_steps: int, *, step_timeout_s: float = 60.0,
+                legacy_reset: bool = False, where: str = "evaluation"):
+    """The runner of the policy's benchmark (MetaWorld if `suite` is None, else that LIBERO
+    suite); shared by evaluation and RIPT. `where` names the config block in errors."""
     if suite is None:
         from ript.envs.metaworld import ObsSpec
 
-        return MetaWorldRunner(ObsSpec(**obs_spec), cfg.n_envs, cfg.n_workers,
-                               cfg.max_episode_steps, cfg.step_timeout_s)
+        require(max_episode_steps <= 500, f"{where}.max_episode_steps",
+                "MetaWorld episodes end at 500 steps")
+        return MetaWorldRunner(ObsSpec(**obs_spec), n_envs, n_workers, max_episode_steps,
+                               step_timeout_s)
     from ript.envs.libero import LiberoRunner
 
-    return LiberoRunner(suite, cfg.n_envs, cfg.n_workers, cfg.max_episode_steps,
+    return LiberoRunner(suite, n_envs, n_workers, max_episode_steps,
                         image_size=obs_spec.get("image_size", 128),
-                        image=obs_spec.get("image", True), legacy_reset=cfg.legacy_reset,
-                        step_timeout_s=cfg.step_timeout_s)
+                        image=obs_spec.get("image", True), legacy_reset=legacy_reset,
+                        step_timeout_s=step_timeout_s)
 
 
 def evaluate(policy, task: str, cfg: EvalConfig, seed: int, obs_spec: dict,
@@ -144,9 +144,10 @@ def evaluate(policy, task: str, cfg: EvalConfig, seed: int, obs_spec: dict,
              eval_variants: int = DEFAULT_EVAL_VARIANTS,
              suite: str | None = None) -> list[EpisodeRecord]:
     """Run the evaluation episodes of one task; deterministic under `seed`."""
-    cfg.check_benchmark(suite)
+    runner = make_runner(suite, obs_spec, cfg.n_envs, cfg.n_workers, cfg.max_episode_steps,
+                         step_timeout_s=cfg.step_timeout_s, legacy_reset=cfg.legacy_reset)
     contexts = eval_contexts(task, cfg, seed, eval_variants, suite)
-    with make_runner(cfg, obs_spec, suite) as runner:
+    with runner:
         tid = runner.factory.task_id(task)
         return runner.run(policy, contexts, seed=derived_seed(seed, tid, 2**31), tasks=task_names,
                           progress_desc=f"eval {task}", video_episodes=cfg.videos)

@@ -25,9 +25,8 @@ import torch
 
 from ript.config import ConfigError, from_dict, require, to_dict
 from ript.data.dataset import Context, load_contexts
-from ript.envs.metaworld import ObsSpec, task_id, variant_split
-from ript.envs.runner import MetaWorldRunner
-from ript.evaluate import DEFAULT_EVAL_VARIANTS, EvalConfig, eval_contexts
+from ript.envs.metaworld import task_id, variant_split
+from ript.evaluate import DEFAULT_EVAL_VARIANTS, EvalConfig, eval_contexts, make_runner
 from ript.rl.buffer import RolloutBuffer
 from ript.rl.collect import ContextSampler, collect
 from ript.rl.distributed import Dist
@@ -130,21 +129,13 @@ class Ript:
                 raise ConfigError("ript.contexts: train_variants exists for MetaWorld only; "
                                   "LIBERO contexts are the demos' initial states (demos)")
             self.contexts = variant_contexts(sorted({c.task for c in self.contexts}),
-                                             self.meta["data"]["eval_variants"])
+                                             data["eval_variants"])
         self.sampler = ContextSampler(self.contexts, seed, dist.rank, dist.world)
         self.tasks = sorted({c.task for c in self.contexts})
-        self.eval_variants = data.get("eval_variants")
-        if self.suite is None:
-            require(cfg.max_episode_steps <= 500, "ript.max_episode_steps",
-                    "MetaWorld episodes end at 500 steps")
-            self.runner = MetaWorldRunner(ObsSpec(data["image"], data["image_size"]),
-                                          cfg.n_envs, cfg.n_workers, cfg.max_episode_steps)
-        else:  # demo contexts restored with set_init_state, correct reset order (spec §2.6)
-            from ript.envs.libero import LiberoRunner
-
-            self.runner = LiberoRunner(self.suite, cfg.n_envs, cfg.n_workers,
-                                       cfg.max_episode_steps, image_size=data["image_size"],
-                                       image=data["image"])
+        self.eval_variants = data.get("eval_variants") or DEFAULT_EVAL_VARIANTS
+        # LIBERO demo contexts are restored with set_init_state, correct reset order (§2.6)
+        self.runner = make_runner(self.suite, self.meta["obs_spec"], cfg.n_envs, cfg.n_workers,
+                                  cfg.max_episode_steps, where="ript")
         self.ppo = PPOConfig(cfg.clip_low, cfg.clip_high, cfg.token_level_mean, cfg.kl_coef)
         self.reference = None
         if cfg.kl_coef > 0:
@@ -172,9 +163,8 @@ class Ript:
         """Held-out success per task, split across ranks and summed."""
         # The evaluation stage's own held-out contexts (never a demo's or a RIPT context's).
         cfg = EvalConfig(episodes_per_task=self.cfg.eval_episodes_per_task)
-        variants = self.eval_variants or DEFAULT_EVAL_VARIANTS
         ctxs = [c for t in self.tasks
-                for c in eval_contexts(t, cfg, self.seed, variants, self.suite)]
+                for c in eval_contexts(t, cfg, self.seed, self.eval_variants, self.suite)]
         ctxs = ctxs[self.dist.rank::self.dist.world]
         recs = self.runner.run(self.policy, ctxs, seed=derived_seed(self.seed, 7, iteration,
                                                                     self.dist.rank))
