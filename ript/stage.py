@@ -53,9 +53,19 @@ def add_common_args(p: argparse.ArgumentParser, config: bool = True) -> None:
                    help="tag shared by all runs of one pipeline (experiment + config hash) "
                         "[$RIPT_PIPELINE_ID]")
     p.add_argument("--no-mlflow", action="store_true", help="only write the JSONL metrics")
+    p.add_argument("--code-hash", default=None,
+                   help="hash of the library code this stage runs (rules pass their "
+                        "params.code); part of the resume key. Default: the whole package")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (more than the free cores makes OpenMP spin: 30x "
                         "slower on a busy 2-core machine)")
+
+
+def code_hash(args) -> str:
+    """The stage's code hash: the rule's, or (called by hand) every module of `ript/`."""
+    from ript.utils import source_hash
+
+    return args.code_hash or source_hash(".")
 
 
 def setup_threads(args) -> None:

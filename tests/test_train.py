@@ -114,12 +114,55 @@ def test_resume_after_kill_equals_uninterrupted_run(demos, tmp_path):
     assert [r["step"] for r in rows] == list(range(10, 241, 10))  # one continuous curve
 
 
-def test_checkpoint_from_other_settings_is_not_resumed(demos, tmp_path):
+def test_finished_stage_leaves_no_resume_state(demos, tmp_path):
     out = tmp_path / "model.pt"
     main(_cli(0, demos, out, {**TINY_AE, "train": _train(20)}))
-    with pytest.warns(UserWarning, match="other settings"):
-        main(_cli(0, demos, out, {**TINY_AE, "train": _train(30)}))
-    assert read_jsonl(out.with_suffix(".jsonl"))[0]["step"] == 10
+    assert out.exists() and not (tmp_path / "ckpt" / "latest.pt").exists()
+
+
+def test_resume_only_into_the_same_job(demos, stage0, tmp_path, monkeypatch):
+    """A checkpoint left by an interrupted job (simulated: the stage stops between its last
+    checkpoint and clearing it) resumes only into a job with the same config, inputs (by
+    content) and code; otherwise it is ignored with a warning naming what differed."""
+    out = tmp_path / "prior" / "model.pt"
+    latest = out.parent / "ckpt" / "latest.pt"
+    init = tmp_path / "autoencoder" / "model.pt"
+    init.parent.mkdir()
+    init.write_bytes(stage0.read_bytes())
+    cfg = {**TINY_PRIOR, "train": _train(20)}
+    original = ("--code-hash", "original")
+    monkeypatch.setattr(ckpt, "clear_resume_state", lambda d: None)  # "killed" after saving
+
+    def interrupted_original_job():
+        init.write_bytes(stage0.read_bytes())
+        main(_cli(1, demos, out, cfg, init=init, extra=original))
+        assert ckpt.load(latest)["step"] == 20
+
+    def other_autoencoder():
+        # same shape, same file size, other weights: what a re-run stage 0 writes (the bug
+        # where RIPT resumed from a checkpoint of the previous prior)
+        payload = ckpt.load(stage0)
+        payload["state_dict"] = {k: v + 1e-3 if v.is_floating_point() else v
+                                 for k, v in payload["state_dict"].items()}
+        ckpt.save(init, payload)
+        assert init.stat().st_size == stage0.stat().st_size
+        return cfg, original
+
+    for what, change in (("config", lambda: ({**cfg, "dropout": 0.2}, original)),
+                         (f"input {init}", other_autoencoder),
+                         ("code", lambda: (cfg, ("--code-hash", "edited")))):
+        interrupted_original_job()
+        new_cfg, code = change()
+        with pytest.warns(UserWarning, match=f"differs in: {what}"):
+            main(_cli(1, demos, out, new_cfg, init=init, extra=code))
+        # started afresh: a whole curve from step 10, not a resumed tail
+        assert [r["step"] for r in read_jsonl(out.with_suffix(".jsonl"))] == [10, 20]
+    interrupted_original_job()
+    proc = subprocess.run([sys.executable, "-m", "ript.train.sft",
+                           *_cli(1, demos, out, cfg, init=init, extra=original)],
+                          capture_output=True, text=True, check=True)
+    assert "resuming from step 20 of 20" in proc.stdout  # the same job resumes, and says so
+    assert not latest.exists()  # (the subprocess is not monkeypatched: it cleared its state)
 
 
 def test_wrong_action_dim_and_architecture_are_named(demos, stage0, tmp_path):

@@ -8,6 +8,8 @@ architecture, the weights and metadata later stages need (observation keys, task
 
 from __future__ import annotations
 
+import hashlib
+import os
 import random
 import warnings
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ript.utils import atomic_path
+from ript.utils import atomic_path, stable_hash
 
 
 class CheckpointError(ValueError):
@@ -49,11 +51,61 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def load_resume_state(path: Path, resume_key: str) -> dict[str, Any] | None:
-    """`ckpt/latest.pt` if it belongs to this exact run (same config and inputs), else None.
+# Inputs up to this size are identified by a hash of their content (models, small data files);
+# larger ones (LIBERO suites are GBs) by size, mtime in ns, inode and a hash of their first and
+# last MiB: cheap, and a file rewritten by a re-run job (atomic rename: new inode, new mtime)
+# never keeps its identity, so a stale checkpoint cannot match it.
+CONTENT_HASH_LIMIT = 64 * 2**20
 
-    A checkpoint left by a run with other settings is not resumed: Snakemake re-runs a stage
-    because its settings changed, and continuing the old run would mix the two.
+
+def input_identity(path: str | Path) -> str:
+    """A short identity of an input file's content (see CONTENT_HASH_LIMIT)."""
+    path = Path(path)
+    st = path.stat()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if st.st_size <= CONTENT_HASH_LIMIT:
+            for block in iter(lambda: f.read(2**20), b""):
+                h.update(block)
+        else:
+            h.update(f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}".encode())
+            h.update(f.read(2**20))
+            f.seek(-2**20, os.SEEK_END)
+            h.update(f.read(2**20))
+    return h.hexdigest()[:16]
+
+
+def resume_key(config: dict, seed: int, inputs: list[str | Path], code: str,
+               world: int = 1, **extra) -> dict[str, Any]:
+    """What makes a stage job *this* job: its config block, seed, world size, the content of
+    every input and the hash of the code it runs (the rule's `params.code`). A checkpoint
+    resumes only into a job with an equal key (issue: "Resume only into the same job")."""
+    return {"config": stable_hash(config), "seed": int(seed), "world": int(world),
+            "inputs": {str(p): input_identity(p) for p in inputs}, "code": code, **extra}
+
+
+def key_differences(old: Any, new: dict[str, Any]) -> list[str]:
+    """The parts of two resume keys that differ, for the warning (inputs by path)."""
+    if not isinstance(old, dict):
+        return ["format (written by an older version)"]
+    diffs = []
+    for part in sorted(set(old) | set(new)):
+        a, b = old.get(part), new.get(part)
+        if a == b:
+            continue
+        if part == "inputs" and isinstance(a, dict) and isinstance(b, dict):
+            diffs += [f"input {p}" for p in sorted(set(a) | set(b)) if a.get(p) != b.get(p)]
+        else:
+            diffs.append(part)
+    return diffs
+
+
+def load_resume_state(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """`ckpt/latest.pt` if an interrupted run of exactly this job wrote it, else None.
+
+    Snakemake re-runs a stage because its settings, inputs or code changed; continuing the old
+    run would mix the two (or return the old model unchanged), so a checkpoint whose key differs
+    is ignored with a warning naming what differed.
     """
     if not path.exists():
         return None
@@ -62,11 +114,18 @@ def load_resume_state(path: Path, resume_key: str) -> dict[str, Any] | None:
     except CheckpointError as e:
         warnings.warn(f"ignoring unreadable resume checkpoint: {e}", stacklevel=2)
         return None
-    if state.get("resume_key") != resume_key:
-        warnings.warn(f"{path} was made with other settings or inputs; starting afresh",
-                      stacklevel=2)
+    diffs = key_differences(state.get("resume_key"), key)
+    if diffs:
+        warnings.warn(f"{path} was written by another job (differs in: {', '.join(diffs)}); "
+                      "starting afresh", stacklevel=2)
         return None
     return state
+
+
+def clear_resume_state(ckpt_dir: Path) -> None:
+    """Called once a stage has written its outputs: its resume state must never be picked up
+    by a later, different job (it would be the finished job's state)."""
+    (Path(ckpt_dir) / "latest.pt").unlink(missing_ok=True)
 
 
 def load_policy(path: str | Path):

@@ -102,7 +102,7 @@ def _to(batch, device):
 
 
 def train_loop(model, loss_fn, groups, dataset: Dataset, cfg: OptimConfig, tracker, *,
-               ckpt_dir: Path, resume: dict | None, resume_key: str, seed: int,
+               ckpt_dir: Path, resume: dict | None, resume_key: dict, seed: int,
                device: torch.device, config: dict) -> dict:
     """Train `model` for cfg.steps; resumable from `resume` (a ckpt/latest.pt payload)."""
     if len(dataset) == 0:

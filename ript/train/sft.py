@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -26,10 +25,10 @@ from ript.data.dataset import SequenceDataset
 from ript.data.hdf5 import file_attrs, open_file
 from ript.envs.metaworld import all_tasks
 from ript.models import ObsEncoder, QuestPolicy, SkillGPT, SkillVAE
-from ript.stage import add_common_args, load_block, setup_threads, stage_tracker
+from ript.stage import add_common_args, code_hash, load_block, setup_threads, stage_tracker
 from ript.train import checkpoint as ckpt
 from ript.train.loop import OptimConfig, decay_groups, train_loop
-from ript.utils import seed_everything, stable_hash
+from ript.utils import seed_everything
 
 @dataclass
 class AutoencoderConfig:
@@ -59,6 +58,11 @@ class AutoencoderConfig:
     """Explicit FSQ levels (overrides codebook_size for FSQ)."""
     train: OptimConfig = field(default_factory=OptimConfig)
     """Optimisation settings of stage 0."""
+
+    def validate(self) -> None:
+        require(self.chunk_size % self.downsample == 0, "autoencoder.chunk_size",
+                f"{self.chunk_size} is not divisible by autoencoder.downsample "
+                f"({self.downsample}): each token must cover a whole number of actions")
 
     def arch(self, action_dim: int) -> dict:
         d = to_dict(self)
@@ -232,19 +236,17 @@ def run_stage(stage: int, cfg, files: list[Path], out: Path, metrics_out: Path, 
             return model.stage_loss(batch, stage, l1_weight=l1)
 
     ckpt_dir = out.parent / "ckpt"
-    inputs = [(str(f), os.path.getsize(f), int(os.path.getmtime(f))) for f in files]
-    for f in [init, *(embedding_files or [])] if init else list(embedding_files or []):
-        inputs.append((str(f), os.path.getsize(f), int(os.path.getmtime(f))))
-    resume_key = stable_hash({"stage": stage, "cfg": to_dict(cfg), "seed": args.seed,
-                              "inputs": inputs})
-    resume = ckpt.load_resume_state(ckpt_dir / "latest.pt", resume_key)
+    key = ckpt.resume_key(to_dict(cfg), args.seed,
+                          [*files, *([init] if init else []), *(embedding_files or [])],
+                          code_hash(args), stage=stage)
+    resume = ckpt.load_resume_state(ckpt_dir / "latest.pt", key)
     name = STAGE_NAMES[stage]
     with stage_tracker(args, name, to_dict(cfg), metrics=ckpt_dir / "metrics.jsonl",
                        run_id=resume["mlflow_run_id"] if resume else None) as tracker:
         if not resume and tracker.metrics_path.exists():
             tracker.metrics_path.unlink()  # a fresh run starts a fresh curve
         summary = train_loop(model, loss_fn, groups, dataset, cfg.train, tracker,
-                             ckpt_dir=ckpt_dir, resume=resume, resume_key=resume_key,
+                             ckpt_dir=ckpt_dir, resume=resume, resume_key=key,
                              seed=args.seed, device=device, config=to_dict(cfg))
         kind = "autoencoder" if stage == 0 else "policy"
         arch = model.arch
@@ -259,6 +261,7 @@ def run_stage(stage: int, cfg, files: list[Path], out: Path, metrics_out: Path, 
         tracker.export_metrics(metrics_out)
         tracker.log_artifact(metrics_out)
         tracker.log_artifact(out)
+    ckpt.clear_resume_state(ckpt_dir)
     return summary
 
 

@@ -23,4 +23,4 @@ rule autoencoder:
         code=source_hash("models/autoencoder.py", *TRAIN_CODE),
     shell:
         "python -m ript.train.sft --stage 0 --data {input.data} --config {params.cfg:q} "
-        "--out {output.model} --metrics {output.metrics} --threads {threads} --seed {params.seed} > {log} 2>&1"
+        "--out {output.model} --metrics {output.metrics} --threads {threads} --seed {params.seed} --code-hash {params.code} > {log} 2>&1"

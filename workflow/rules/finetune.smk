@@ -25,4 +25,4 @@ rule finetune:
     shell:
         "python -m ript.train.sft --stage 2 --data {input.data} --init {input.init} "
         "--config {params.cfg:q} --out {output.model} --metrics {output.metrics} "
-        "--threads {threads} --seed {params.seed} > {log} 2>&1"
+        "--threads {threads} --seed {params.seed} --code-hash {params.code} > {log} 2>&1"

@@ -26,4 +26,4 @@ rule prior:
     shell:
         "python -m ript.train.sft --stage 1 --data {input.data} --init {input.init} "
         "--task-embeddings {input.embeddings} --config {params.cfg:q} --out {output.model} "
-        "--metrics {output.metrics} --threads {threads} --seed {params.seed} > {log} 2>&1"
+        "--metrics {output.metrics} --threads {threads} --seed {params.seed} --code-hash {params.code} > {log} 2>&1"

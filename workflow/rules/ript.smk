@@ -29,4 +29,4 @@ rule ript:
     shell:
         "{params.launcher} -m ript.rl.ript --init {input.init} --data {input.data} "
         "--config {params.cfg:q} --out {output.model} --metrics {output.metrics} "
-        "--seed {params.seed} > {log} 2>&1"
+        "--seed {params.seed} --code-hash {params.code} > {log} 2>&1"
