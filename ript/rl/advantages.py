@@ -109,6 +109,7 @@ class DynamicSampler:
         self.dynamic_sampling = bool(dynamic_sampling)
         self.accepted = 0
         self.rejected = 0
+        self.errored = 0
 
     @property
     def done(self) -> bool:
@@ -143,6 +144,20 @@ class DynamicSampler:
             return True
         self.rejected += 1
         return False
+
+    def reject_errored(self) -> None:
+        """Record a group aborted by a simulator error: it has no usable rewards, and it
+        counts as rejected so that the cap bounds a rank whose env always fails."""
+        if self.done:
+            raise RuntimeError(f"DynamicSampler.reject_errored called after stop "
+                               f"({self.stop_reason})")
+        self.rejected += 1
+        self.errored += 1
+
+    @property
+    def only_errors(self) -> bool:
+        """Every group tried so far was aborted by a simulator error."""
+        return self.errored > 0 and self.errored == self.checked
 
     def __repr__(self) -> str:
         return (

@@ -51,6 +51,7 @@ class CollectStats:
     successes: int = 0
     env_steps: int = 0
     errors: int = 0
+    groups_errored: int = 0
     stop_reason: str = ""
 
 
@@ -66,6 +67,7 @@ def collect(runner, policy, sampler: ContextSampler, *, group_size: int, target_
     # As many contexts per runner call as fill its env slots: one batched policy call per tick.
     per_call = max(1, math.ceil(runner.n_envs / group_size))
     call = 0
+    first_error = None
     while True:
         if not sampler_state.done:
             ctxs = [sampler.next() for _ in range(per_call)]
@@ -85,9 +87,14 @@ def collect(runner, policy, sampler: ContextSampler, *, group_size: int, target_
                 if sampler_state.done:
                     break  # keep every rank's buffer the same size (padding lines up minibatches)
                 group = groups.pop(ctx.context_id, [])
-                # An episode aborted by a simulator error has no usable token cache (it counts
-                # as a failure in the statistics); its whole group is left out of the update.
-                if len(group) != group_size or any(r.error for r in group):
+                # An episode aborted by a simulator error has no usable token cache: its whole
+                # group is left out of the update and counts toward the rejected cap, so an env
+                # that always fails cannot keep collection looping (issue #12).
+                errors = [r.error for r in group if r.error]
+                if len(group) != group_size or errors:
+                    first_error = first_error or (errors[0] if errors else
+                                                  f"{len(group)} of {group_size} episodes returned")
+                    sampler_state.reject_errored()
                     continue
                 rewards = np.array([float(r.success) for r in group])
                 if not sampler_state.offer(rewards):
@@ -106,7 +113,21 @@ def collect(runner, policy, sampler: ContextSampler, *, group_size: int, target_
         if ranks_done >= dist.world:
             stats.stop_reason = sampler_state.stop_reason or "target"
             break
+    # A rank that saw nothing but simulator errors has nothing to learn from: every rank stops
+    # together (one collective, so no rank waits on a failed one) with the error's text.
+    (ranks_failed,) = dist.sum([float(sampler_state.only_errors)])
+    if ranks_failed:
+        raise SimulatorError(
+            f"RIPT rollouts: every group of {int(ranks_failed)} rank(s) hit a simulator error "
+            f"({sampler_state.errored} groups on rank {dist.rank}, the rejected-group cap); "
+            f"first error on this rank: {first_error or 'none here'}")
     stats.groups_kept = sampler_state.accepted
     stats.groups_rejected = sampler_state.rejected
+    stats.groups_errored = sampler_state.errored
     return episodes, stats
+
+
+class SimulatorError(RuntimeError):
+    """Rollouts produced nothing but simulator errors: an infrastructure failure, not a policy
+    that fails its tasks."""
 

@@ -31,10 +31,10 @@ from ript.rl.buffer import RolloutBuffer
 from ript.rl.collect import ContextSampler, collect
 from ript.rl.distributed import Dist
 from ript.rl.ppo import PPOConfig, ppo_update, token_entropy
-from ript.stage import add_common_args, load_block, setup_threads, stage_tracker
+from ript.stage import add_common_args, code_hash, load_block, setup_threads, stage_tracker
 from ript.train import checkpoint as ckpt
 from ript.train.loop import decay_groups, gpu_memory
-from ript.utils import derived_seed, progress, seed_everything, stable_hash
+from ript.utils import derived_seed, progress, seed_everything
 
 
 @dataclass
@@ -145,7 +145,7 @@ class Ript:
         self.rank_groups = math.ceil(cfg.contexts_per_iteration / dist.world)
         self.rank_minibatch = max(1, cfg.minibatch_episodes // dist.world)
 
-    def state(self, iteration: int, run_id: str | None, resume_key: str) -> dict:
+    def state(self, iteration: int, run_id: str | None, resume_key: dict) -> dict:
         positions = self.dist.sum([self.sampler.position if r == self.dist.rank else 0
                                    for r in range(self.dist.world)])
         return {"policy": self.policy.state_dict(), "optimizer": self.opt.state_dict(),
@@ -198,9 +198,10 @@ class Ript:
             ref_log_prob_fn=ref)
         t2 = time.perf_counter()
         s = self.dist.sum([st.episodes, st.successes, st.env_steps, st.groups_kept,
-                           st.groups_rejected, st.errors])
+                           st.groups_rejected, st.errors, st.groups_errored])
         return {"train_success": s[1] / max(s[0], 1), "episodes": s[0], "env_steps": s[2],
                 "groups_kept": s[3], "groups_rejected": s[4], "episode_errors": s[5],
+                "groups_errored": s[6],
                 "rollout_seconds": t1 - t0, "update_seconds": t2 - t1,
                 "env_steps_per_s": st.env_steps / max(t1 - t0, 1e-9), "token_entropy": entropy,
                 **gpu_memory(self.dist.device),
@@ -233,9 +234,8 @@ def run(args, cfg: RiptConfig) -> dict:
     out, files = Path(args.out), [Path(f) for f in args.data]
     ript = Ript(cfg, Path(args.init), files, args.seed, dist)
     ckpt_dir = out.parent / "ckpt"
-    resume_key = stable_hash({"cfg": to_dict(cfg), "seed": args.seed, "world": dist.world,
-                              "inputs": [(str(f), f.stat().st_size) for f in
-                                         [*files, Path(args.init)]]})
+    resume_key = ckpt.resume_key(to_dict(cfg), args.seed, [*files, Path(args.init)],
+                                 code_hash(args), world=dist.world)
     resume = ckpt.load_resume_state(ckpt_dir / "latest.pt", resume_key)
     start = ript.restore(resume) if resume else 0
     if resume and dist.is_main:
@@ -274,6 +274,7 @@ def run(args, cfg: RiptConfig) -> dict:
                 tracker.export_metrics(args.metrics)
                 tracker.log_artifact(args.metrics)
                 tracker.log_artifact(out)
+                ckpt.clear_resume_state(ckpt_dir)
     finally:
         ript.close()
         dist.barrier()
