@@ -1,7 +1,8 @@
 """Stage 'evaluate' (spec §6): success rate of a policy on one task, with a confidence interval.
 
     python -m ript.evaluate --checkpoint model.pt --task push-v3 --config '{...}' \
-        --out-dir results/exp/eval/sft/push-v3 --experiment-dir results/exp [--policy-name sft]
+        --out-dir results/exp/eval/sft/push-v3 --experiment-dir results/exp [--policy-name sft] \
+        [--device auto|cpu|cuda]
     python -m ript.evaluate aggregate --inputs a/summary.json b/summary.json --out table.csv
 
 MetaWorld evaluation uses only the held-out task variants (`variant_split`), cycling over them —
@@ -12,6 +13,11 @@ policy samples from one seeded generator, so a rerun reproduces every episode (u
 original, spec §8 B10).
 `--checkpoint scripted:expert` / `scripted:random` evaluate MetaWorld's scripted experts / uniform
 random actions (reference rows and tests).
+
+Infrastructure errors (a dead or hung simulator worker, an env exception) are not policy
+failures: success is counted over the episodes that ran, the errors are reported beside it, and
+more than `max_error_fraction` of them fail the job — its records are kept in
+`episodes.failed.csv` / `summary.failed.json`, which Snakemake does not delete.
 """
 
 from __future__ import annotations
@@ -35,8 +41,8 @@ from ript.utils import atomic_path, derived_seed, seed_everything, write_json
 # The data stage's default; used when a checkpoint carries no data settings (scripted policies).
 DEFAULT_EVAL_VARIANTS = 25
 EPISODE_FIELDS = ["task", "context_id", "variant", "seed", "success", "length", "error"]
-TABLE_FIELDS = ["task", "policy", "episodes", "successes", "success_rate", "wilson_low",
-                "wilson_high", "mean_length"]
+TABLE_FIELDS = ["task", "policy", "episodes", "errors", "successes", "success_rate",
+                "wilson_low", "wilson_high", "mean_length"]
 
 
 @dataclass
@@ -55,6 +61,10 @@ class EvalConfig:
     """Longest wait for a simulator worker before it is killed and its episodes failed."""
     legacy_reset: bool = False
     """LIBERO only: the original's stale-first-observation reset (spec §8 B4), for parity."""
+    max_error_fraction: float = 0.0
+    """Largest fraction of episodes that may end in an infrastructure error (dead or hung
+    worker, simulator exception) before the job fails; errored episodes are left out of the
+    success rate, so a tolerated error changes the sample size, never the score."""
 
     def validate(self) -> None:
         require(self.episodes_per_task >= 1, "evaluation.episodes_per_task", "must be >= 1")
@@ -63,6 +73,8 @@ class EvalConfig:
         require(self.max_episode_steps >= 1, "evaluation.max_episode_steps", "must be >= 1")
         require(self.videos >= 0, "evaluation.videos", "must be >= 0")
         require(self.step_timeout_s > 0, "evaluation.step_timeout_s", "must be > 0")
+        require(0.0 <= self.max_error_fraction <= 1.0, "evaluation.max_error_fraction",
+                "must be in [0, 1]")
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -154,12 +166,30 @@ def evaluate(policy, task: str, cfg: EvalConfig, seed: int, obs_spec: dict,
 
 
 def summarize(task: str, records: list[EpisodeRecord], policy_name: str) -> dict:
-    n, k = len(records), sum(r.success for r in records)
+    """Per-task summary. `episodes` is the number run; success, its Wilson interval and the
+    mean length count only the episodes without an infrastructure error (`errors`): such an
+    episode says nothing about the policy, and scoring it as a failure would bias the rate
+    down (0/n for a broken simulator). With no scored episode the rate is 0 and the interval
+    [0, 1], i.e. no information."""
+    scored = [r for r in records if r.error is None]
+    errors = [r for r in records if r.error is not None]
+    n, k = len(scored), sum(r.success for r in scored)
     low, high = wilson_interval(k, n)
-    return {"task": task, "policy": policy_name, "episodes": n, "successes": k,
+    return {"task": task, "policy": policy_name, "episodes": len(records), "successes": k,
             "success_rate": k / n if n else 0.0, "wilson_low": low, "wilson_high": high,
-            "mean_length": float(np.mean([r.length for r in records])) if n else 0.0,
-            "errors": sum(r.error is not None for r in records)}
+            "mean_length": float(np.mean([r.length for r in scored])) if n else 0.0,
+            "errors": len(errors), "error_fraction": len(errors) / max(len(records), 1),
+            "first_error": errors[0].error if errors else None}
+
+
+def error_problem(summary: dict, max_error_fraction: float) -> str | None:
+    """The message that fails the job when too many episodes errored, else None."""
+    if summary["error_fraction"] <= max_error_fraction:
+        return None
+    return (f"evaluation of {summary['task']} failed: {summary['errors']} of "
+            f"{summary['episodes']} episodes hit an infrastructure error (more than "
+            f"evaluation.max_error_fraction = {max_error_fraction:g}); "
+            f"first error: {summary['first_error']}")
 
 
 def write_episodes(path: Path, records: list[EpisodeRecord]) -> None:
@@ -192,24 +222,74 @@ def save_videos(out_dir: Path, records: list[EpisodeRecord], fps: int = 30) -> l
 
 
 def aggregate(inputs: list[str | Path], out: str | Path) -> list[dict]:
-    """Per-task table plus a 'mean' row: mean of per-task rates, Wilson over all episodes."""
+    """Per-task table plus a 'mean' row: mean of per-task rates, Wilson over all scored
+    (error-free) episodes, the sum of errors."""
     rows = [json.loads(Path(p).read_text()) for p in inputs]
     if not rows:
         raise ValueError("aggregate: no inputs")
+    for r in rows:
+        r.setdefault("errors", 0)  # summaries written before errors were counted
     n = sum(r["episodes"] for r in rows)
+    scored = n - sum(r["errors"] for r in rows)
     k = sum(r["successes"] for r in rows)
-    low, high = wilson_interval(k, n)
+    low, high = wilson_interval(k, scored)
     policies = sorted({r.get("policy", "") for r in rows})
-    mean = {"task": "mean", "policy": "+".join(policies), "episodes": n, "successes": k,
+    mean = {"task": "mean", "policy": "+".join(policies), "episodes": n,
+            "errors": n - scored, "successes": k,
             "success_rate": float(np.mean([r["success_rate"] for r in rows])),
             "wilson_low": low, "wilson_high": high,
-            "mean_length": sum(r["mean_length"] * r["episodes"] for r in rows) / max(n, 1)}
+            "mean_length": sum(r["mean_length"] * (r["episodes"] - r["errors"])
+                               for r in rows) / max(scored, 1)}
     table = [{f: r.get(f, "") for f in TABLE_FIELDS} for r in rows] + [mean]
     with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, TABLE_FIELDS)
         w.writeheader()
         w.writerows(table)
     return table
+
+
+def resolve_device(name: str):
+    """--device auto|cpu|cuda -> torch.device; auto = CUDA when one is visible (as RIPT)."""
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to this process")
+    return torch.device(name)
+
+
+class _DeviceSampling:
+    """A policy on a GPU, driven by the runner's seeded CPU generator: torch samples on CUDA
+    only with a CUDA generator, so the policy gets one seeded from the runner's (a new one per
+    run: one deterministic stream per evaluation). CPU evaluation never uses this wrapper."""
+
+    def __init__(self, policy, device):
+        self.policy, self.device = policy, device
+        self._source = self._generator = None
+
+    def act(self, obs, task, generator=None, active=None):
+        import torch
+
+        if generator is not None and generator.device.type != self.device.type:
+            if generator is not self._source:
+                self._source = generator
+                self._generator = torch.Generator(device=self.device).manual_seed(
+                    generator.initial_seed())
+            generator = self._generator
+        return self.policy.act(obs, task, generator, active)
+
+    def __getattr__(self, name):  # reset, reset_envs, task_vocab: the policy's own
+        return getattr(self.policy, name)
+
+
+def place_policy(policy, device):
+    """Move a learned policy to `device` (observations follow: QuestPolicy.plan moves them to
+    the policy's device); scripted policies have no device and stay as they are."""
+    if not hasattr(policy, "to"):
+        return policy
+    policy.to(device)
+    return policy if device.type == "cpu" else _DeviceSampling(policy, device)
 
 
 def _eval_main(argv) -> dict:
@@ -222,39 +302,60 @@ def _eval_main(argv) -> dict:
     p.add_argument("--task", required=True)
     p.add_argument("--out-dir", required=True)
     p.add_argument("--policy-name", default="policy", help="label in tables and the MLflow stage")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the policy runs (auto: CUDA when visible); simulators stay on CPU")
     args = p.parse_args(argv)
     block = load_block(args.config)
     cfg = from_dict(EvalConfig, block, "evaluation")
     setup_threads(args)
     seed_everything(args.seed)
+    device = resolve_device(args.device)
     policy, meta = load_policy(args.checkpoint)
+    policy = place_policy(policy, device)
     # The held-out variants are the ones the policy's own data held out (never a demo's).
     data = meta.get("data") or {}
     eval_variants = int(data.get("eval_variants") or DEFAULT_EVAL_VARIANTS)
     suite = data.get("suite")  # LIBERO suite of the policy's data; None = MetaWorld
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    failed = {"episodes": out / "episodes.failed.csv", "summary": out / "summary.failed.json"}
     with stage_tracker(args, f"eval-{args.policy_name}", to_dict(cfg),
                        metrics=out / "metrics.jsonl", task=args.task) as tracker:
         tracker.truncate_after(-1)  # a rerun replaces the previous evaluation's metrics
         records = evaluate(policy, args.task, cfg, args.seed, dict(meta["obs_spec"]),
                            list(meta["task_names"]), eval_variants, suite)
         summary = summarize(args.task, records, args.policy_name)
-        summary.update(seed=args.seed, checkpoint=str(args.checkpoint),
+        summary.update(seed=args.seed, checkpoint=str(args.checkpoint), device=str(device),
                        variants=sorted({r.variant for r in records}))
         if cfg.videos and not any(r.frames for r in records):
             warnings.warn("videos requested but the observations have no images", stacklevel=1)
         save_videos(out, records)
+        tracker.log_metrics({k: summary[k] for k in ("success_rate", "wilson_low", "wilson_high",
+                                                     "mean_length", "errors", "error_fraction")},
+                            step=0)
+        problem = error_problem(summary, cfg.max_error_fraction)
+        if problem:
+            # Undeclared files: Snakemake deletes a failed job's outputs, not these, so the
+            # records of the failed attempt survive for inspection.
+            write_episodes(failed["episodes"], records)
+            write_json(failed["summary"], summary)
+            tracker.log_artifact(failed["summary"])
+            raise SystemExit(f"{problem}. Nothing was scored; the records are kept in "
+                             f"{failed['episodes']} and {failed['summary']}")
+        for stale in failed.values():  # left by an earlier failed attempt, now superseded
+            stale.unlink(missing_ok=True)
         write_episodes(out / "episodes.csv", records)
         write_json(out / "summary.json", summary)
-        tracker.log_metrics({k: summary[k] for k in ("success_rate", "wilson_low",
-                                                     "wilson_high", "mean_length", "errors")},
-                            step=0)
         tracker.log_artifact(out / "summary.json")
         tracker.log_artifact(out / "episodes.csv")
-    print(f"{args.task}: {summary['successes']}/{summary['episodes']} = "
+    print(f"{args.task}: {summary['successes']}/{summary['episodes'] - summary['errors']} = "
           f"{summary['success_rate']:.3f} [{summary['wilson_low']:.3f}, "
           f"{summary['wilson_high']:.3f}], mean length {summary['mean_length']:.1f}")
+    if summary["errors"]:
+        print(f"WARNING: {summary['errors']} of {summary['episodes']} episodes hit an "
+              f"infrastructure error and were not scored (tolerated by "
+              f"max_error_fraction = {cfg.max_error_fraction:g}); first error: "
+              f"{summary['first_error']}", file=sys.stderr)
     return summary
 
 

@@ -57,11 +57,23 @@ def pooled(summaries: dict[str, dict]) -> dict:
     from ript.evaluate import wilson_interval
 
     n = sum(s["episodes"] for s in summaries.values())
+    errors = sum(s.get("errors", 0) for s in summaries.values())
     k = sum(s["successes"] for s in summaries.values())
-    lo, hi = wilson_interval(k, n)
+    lo, hi = wilson_interval(k, n - errors)  # errored episodes are not scored (ript.evaluate)
     rate = sum(s["success_rate"] for s in summaries.values()) / max(len(summaries), 1)
     return {"success_rate": rate, "wilson_low": lo, "wilson_high": hi, "episodes": n,
-            "successes": k}
+            "successes": k, "errors": errors}
+
+
+def error_warning(sft: dict[str, dict], ript: dict[str, dict]) -> str | None:
+    """One line naming the evaluations whose episodes hit infrastructure errors, if any."""
+    bad = [f"{name} {t}: {s['errors']} of {s['episodes']}"
+           for name, res in (("SFT", sft), ("RIPT", ript))
+           for t, s in res.items() if s.get("errors", 0)]
+    if not bad:
+        return None
+    return ("Warning: some evaluation episodes hit infrastructure errors and were not scored "
+            "(success is over the episodes that ran): " + "; ".join(bad) + ".")
 
 
 def bar_chart(sft: dict, ript: dict, out: Path, dpi: int) -> None:
@@ -164,13 +176,16 @@ def _fmt(s: dict) -> str:
 def _write_pages(cfg, out_dir, sft, ript, ps, pr, summary, times, full_config) -> None:
     rows = [(t, _fmt(sft[t]), _fmt(ript[t]),
              f"{100 * (ript[t]['success_rate'] - sft[t]['success_rate']):+.1f}",
-             sft[t]["episodes"]) for t in sft]
+             sft[t]["episodes"], f"{sft[t].get('errors', 0)} / {ript[t].get('errors', 0)}")
+            for t in sft]
     rows.append(("mean", _fmt(ps), _fmt(pr), f"{summary['lift_points']:+.1f}",
-                 ps["episodes"]))
-    md = [f"# {cfg.title}", "",
+                 ps["episodes"], f"{ps['errors']} / {pr['errors']}"))
+    warning = error_warning(sft, ript)
+    md = [f"# {cfg.title}", "", *([f"**{warning}**", ""] if warning else []),
           f"Held-out success: SFT {100 * ps['success_rate']:.1f} % → RIPT "
           f"{100 * pr['success_rate']:.1f} % ({summary['lift_points']:+.1f} points).", "",
-          "| task | SFT | RIPT | Δ (points) | episodes |", "|---|---|---|---|---|"]
+          "| task | SFT | RIPT | Δ (points) | episodes | errors (SFT / RIPT) |",
+          "|---|---|---|---|---|---|"]
     md += [f"| {' | '.join(str(c) for c in r)} |" for r in rows]
     md += ["", "![success](success.png)", "", "## RIPT", "", "![ript](ript_curves.png)", "",
            "## Supervised stages", "", "![losses](sft_losses.png)", "", "## Wall time", "",
@@ -183,16 +198,19 @@ def _write_pages(cfg, out_dir, sft, ript, ps, pr, summary, times, full_config) -
     esc = html.escape
     table = "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in r) + "</tr>"
                     for r in rows)
+    warning_html = (f'<p style="color:#b00;font-weight:bold">{esc(warning)}</p>'
+                    if warning else "")
     times_html = "".join(f"<tr><td>{esc(j)}</td><td>{s:.1f}</td></tr>" for j, s in times)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(cfg.title)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
 td:first-child{{text-align:left}}</style>
 </head><body><h1>{esc(cfg.title)}</h1>
+{warning_html}
 <p>Held-out success: SFT <b>{100 * ps['success_rate']:.1f} %</b> → RIPT
 <b>{100 * pr['success_rate']:.1f} %</b> ({summary['lift_points']:+.1f} points).</p>
 <table><tr><th>task</th><th>SFT [95 % CI]</th><th>RIPT [95 % CI]</th><th>Δ (points)</th>
-<th>episodes</th></tr>{table}</table>
+<th>episodes</th><th>errors (SFT / RIPT)</th></tr>{table}</table>
 <p><img src="success.png" alt="success per task"></p>
 <h2>RIPT</h2><p><img src="ript_curves.png" alt="RIPT curves"></p>
 <h2>Supervised stages</h2><p><img src="sft_losses.png" alt="stage losses"></p>
