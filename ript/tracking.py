@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -103,8 +104,10 @@ class StageTracker:
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - any tracking failure must not stop training
-            warnings.warn(f"MLflow {what} failed ({type(e).__name__}: {e}); "
-                          f"metrics stay in {self.metrics_path}", stacklevel=3)
+            # once per stage: _mlflow = None below turns every later call into a no-op
+            error = f"{type(e).__name__}: {e}".splitlines()[0]
+            warnings.warn(f"MLflow {what} failed at {tracking_uri(self.experiment_dir)} "
+                          f"({error}); metrics stay in {self.metrics_path}", stacklevel=3)
             self._mlflow = None
             return None
 
@@ -188,8 +191,18 @@ def main(argv=None) -> None:
     add_common_args(p, config=False)
     p.add_argument("--out", required=True, help="JSON file recording the store and experiment")
     a = p.parse_args(argv)
-
-    write_json(a.out, init_store(a.experiment_dir, a.experiment))
+    try:
+        info = {**init_store(a.experiment_dir, a.experiment), "available": True}
+    except Exception as e:  # noqa: BLE001 - an unreachable store must not stop the pipeline
+        # The stages then degrade on their own (one warning each, JSONL only); this file
+        # records why the dashboard is empty. Only the first line: MLflow's messages embed
+        # whole urllib3 reprs.
+        uri, error = tracking_uri(a.experiment_dir), f"{type(e).__name__}: {e}".splitlines()[0]
+        print(f"WARNING: MLflow tracking store {uri} is unavailable ({error}); the stages "
+              f"will log their metrics to their JSONL files only", file=sys.stderr, flush=True)
+        info = {"tracking_uri": uri, "experiment": a.experiment, "available": False,
+                "error": error}
+    write_json(a.out, info)
 
 
 if __name__ == "__main__":
