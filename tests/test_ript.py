@@ -151,6 +151,43 @@ def test_uniform_groups_are_bounded_and_update_nothing(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), "no informative group, yet weights moved"
 
 
+def test_sampled_topk_ratio_scores_what_rollouts_sampled(demos, tmp_path):
+    """ratio_distribution: sampled_topk (spec §8 B12). The ℓ_old that collection stores are the
+    top-k log-probs of the sampled tokens: recomputed by the update's own ℓ function before any
+    step they agree (ratio 1), and they are not the full-softmax ones. Then one whole iteration
+    runs and its own before-the-first-step check agrees."""
+    from ript.rl.collect import collect
+    from ript.rl.distributed import Dist
+    from ript.rl.ript import Ript, RiptConfig
+
+    init = _random_policy(tmp_path / "random.pt", "button-press-topdown-v3")
+    cfg = from_dict(RiptConfig, {**SMALL, "iterations": 1, "ratio_distribution": "sampled_topk",
+                                 "dynamic_sampling": False, "max_episode_steps": 24,
+                                 "ppo_epochs": 1}, "ript")
+    ript = Ript(cfg, init, [Path(d) for d in demos], 0, Dist())
+    try:
+        episodes, _ = collect(
+            ript.runner, ript.policy, ript.sampler, group_size=cfg.group_size,
+            target_groups=cfg.contexts_per_iteration, global_target=cfg.contexts_per_iteration,
+            max_rejected=cfg.max_rejected_groups, dynamic_sampling=False, early_stop_fraction=1.0,
+            seed=0, iteration=0, dist=ript.dist, sampled_logp=True)
+        assert len(episodes) == cfg.contexts_per_iteration * cfg.group_size
+        ctx = torch.cat([e.contexts[:e.valid_steps] for e in episodes])
+        tok = torch.cat([e.tokens[:e.valid_steps] for e in episodes])
+        stored = torch.cat([e.logp[:e.valid_steps] for e in episodes])
+        ript.policy.eval()
+        with torch.no_grad():
+            topk = ript._log_prob_fn(ript.policy)(ctx, tok)
+            full = ript.policy.log_prob(ctx, tok)
+        torch.testing.assert_close(stored, topk, atol=1e-5, rtol=0)  # ρ = 1 before the update
+        # an untrained prior is near uniform: ~log(1/5) under the top 5, ~-log V under all
+        assert (stored - full).min() > 1.0
+        metrics = ript.step(0)
+        assert metrics["n_minibatches"] >= 1 and metrics["initial_ratio_dev"] < 1e-5
+    finally:
+        ript.close()
+
+
 def test_demo_context_set(demos):
     ctx = load_contexts(demos)
     assert len(ctx) == 4 and {c.task_id for c in ctx} == {task_id("button-press-topdown-v3")}

@@ -521,3 +521,52 @@ def test_two_ranks_stay_identical_when_one_has_only_padding():
     assert results[1]["n_minibatches"] == 4 and math.isnan(results[1]["loss"])
     assert torch.equal(pols[0].lin.weight, pols[1].lin.weight)
     assert not torch.equal(pols[0].lin.weight, w0)
+
+
+# ----------------------------------------------------------------------------- sampled top-k ratio
+
+
+def _fixed_logits_prior(logits: list[float]):
+    """A real SkillGPT (n = 1 token) whose logits are `logits` for every context: output
+    weights zero, bias = the logits."""
+    from ript.models.prior import SkillGPT
+
+    prior = SkillGPT(vocab_size=len(logits), n_tokens=1, d_model=8, layers=1, heads=2, ffn=16,
+                     dropout=0.0).eval()
+    with torch.no_grad():
+        prior.head.weight.zero_()
+        prior.head.bias.copy_(torch.tensor(logits))
+    return prior
+
+
+def test_top_k_log_prob_hand_computed():
+    """ℓ of the distribution rollouts sample from (spec §5.5, §8 B12): logits / T, truncated to
+    the top k, renormalised; a token outside the top k gets the floor -50 (ratio ~ 0)."""
+    prior = _fixed_logits_prior([2.0, 1.0, 0.0, -1.0])
+    ctx, tok = torch.zeros(4, 2, 8), torch.arange(4)[:, None]
+
+    def lp(**kw):
+        return prior.log_prob(ctx, tok, **kw)[:, 0].tolist()
+
+    # k = 2, T = 1: log Z = log(e² + e) = 2 + log(1 + 1/e) = 2.313262
+    assert lp(top_k=2) == pytest.approx([2 - 2.313262, 1 - 2.313262, -50.0, -50.0], abs=1e-5)
+    # k = 2, T = 2: logits [1, 0.5, 0, -0.5]; log Z = log(e + e^0.5) = 1.474077
+    assert lp(top_k=2, temperature=2.0) == pytest.approx(
+        [1 - 1.474077, 0.5 - 1.474077, -50.0, -50.0], abs=1e-5)
+    # full softmax (the original's ratio): log Z = log(e² + e + 1 + 1/e) = 2.440190
+    full = [2 - 2.440190, 1 - 2.440190, 0 - 2.440190, -1 - 2.440190]
+    assert lp() == pytest.approx(full, abs=1e-5)
+    assert lp(top_k=4) == pytest.approx(full, abs=1e-5)  # k = V truncates nothing
+
+    # The sampler draws from exactly that distribution and stores its log-prob beside the
+    # full-softmax one: only tokens 0 and 1 ever come out.
+    tokens, logp, logp_topk = prior.sample(torch.zeros(200, 2, 8), top_k=2, temperature=1.0,
+                                           generator=torch.Generator().manual_seed(0))
+    t = tokens[:, 0]
+    assert set(t.tolist()) == {0, 1}
+    torch.testing.assert_close(logp_topk[:, 0], torch.where(t == 0, -0.313262, -1.313262),
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(logp[:, 0], torch.where(t == 0, -0.440190, -1.440190),
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(prior.log_prob(torch.zeros(200, 2, 8), tokens, top_k=2),
+                               logp_topk, atol=1e-6, rtol=0)
