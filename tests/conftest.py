@@ -36,6 +36,31 @@ def run_snakemake(workdir: Path, config: dict | Path, *args: str, timeout: int =
     return proc
 
 
+def copy_repo(dest: Path) -> Path:
+    """A copy of the repository as a user's clone has it (the parts a pipeline run reads), so a
+    test can run the README's commands as written, from the copy's root, and edit its code."""
+    import shutil
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for part in ("workflow", "ript", "config"):
+        shutil.copytree(REPO / part, dest / part, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
+def snakemake_in(repo: Path, *args: str, timeout: int = 1200, check: bool = True,
+                 env: dict | None = None) -> subprocess.CompletedProcess:
+    """`snakemake ARGS` run from the root of `repo` (a `copy_repo`), exactly as the README
+    writes it (the workflow profile gives the cores); the copy's `ript` wins over the
+    installed one."""
+    cmd = [str(BIN / "snakemake"), *args]
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(repo), **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
 def mlflow_runs(db: Path, experiment: str) -> list:
     """Runs of `experiment` in a SQLite store, read without touching the process-wide MLflow
     state (mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI to every later subprocess)."""

@@ -1,15 +1,20 @@
-"""Every paper preset (config/*.yaml) builds its DAG: `snakemake -n`, with and without the
-`paper` variant, and bad task settings fail at parse time with one clear message."""
+"""Every paper preset (config/*.yaml) builds its DAG from the repository root exactly as the README
+writes the command, with and without the `paper` variant; the config each job receives is the
+preset + the stages' defaults, never the embedded default's values; bad settings fail at parse
+time with one line naming the key."""
 
 from __future__ import annotations
 
+import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, run_snakemake
+from conftest import REPO, copy_repo, snakemake_in
+from ript.experiment import resolve
 from test_pipeline import planned
 
 needs_libero = pytest.mark.skipif(
@@ -28,10 +33,32 @@ PRESETS = {
 }
 
 
-def dry_run(tmp_path: Path, *configfiles: str, check: bool = True):
-    return run_snakemake(tmp_path, REPO / "config" / configfiles[0], "-n", "-p",
-                         *(["--configfile", *(str(REPO / "config" / c) for c in configfiles)]
-                           if len(configfiles) > 1 else []), check=check, timeout=300)
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    return copy_repo(tmp_path_factory.mktemp("presets") / "repo")
+
+
+def dry_run(repo: Path, *configfiles: str, check: bool = True):
+    """`snakemake -n -p --configfile config/A.yaml [config/B.yaml]` from the repository root."""
+    return snakemake_in(repo, "-n", "-p", "--configfile",
+                        *(f"config/{c}" for c in configfiles), check=check, timeout=300)
+
+
+def ran_config(proc) -> dict:
+    """The whole config the jobs received: the report rule's --full-config argument."""
+    line = next(ln for ln in (proc.stdout + proc.stderr).splitlines() if "-m ript.report" in ln)
+    args = shlex.split(line)
+    return json.loads(args[args.index("--full-config") + 1])
+
+
+def merged(*configfiles: str) -> dict:
+    """The files layered as Snakemake layers --configfile files (nested blocks merged)."""
+    out: dict = {}
+    for c in configfiles:
+        for k, v in yaml.safe_load((REPO / "config" / c).read_text()).items():
+            out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) \
+                else v
+    return out
 
 
 def test_every_preset_is_listed():
@@ -41,9 +68,9 @@ def test_every_preset_is_listed():
 
 @needs_libero
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_preset_dry_runs(preset, tmp_path):
+def test_preset_dry_runs_from_the_root_with_only_its_own_values(preset, repo):
     targets, pretrain, embeddings, finetune = PRESETS[preset]
-    proc = dry_run(tmp_path, f"{preset}.yaml")
+    proc = dry_run(repo, f"{preset}.yaml")
     jobs = planned(proc)
     assert jobs["demos"] == targets + pretrain
     assert jobs["evaluate"] == 2 * targets
@@ -60,37 +87,77 @@ def test_preset_dry_runs(preset, tmp_path):
         assert "/pretrain_data/" in sft
         rl = re.search(r"ript\.rl\.ript --init (\S+) --data (\S+)", out)
         assert rl.group(1).endswith("finetune/model.pt") and "/data/" in rl.group(2)
+    # the preset + the stages' defaults, and nothing of config/config.yaml
+    assert ran_config(proc) == resolve(cfg)
 
 
 @needs_libero
 @pytest.mark.parametrize("preset", ["libero_goal", "metaworld_ml45_5shot"])
-def test_paper_variant_changes_k_and_results_folder(preset, tmp_path):
-    out = dry_run(tmp_path, f"{preset}.yaml", "paper.yaml")
+def test_paper_variant_changes_k_and_results_folder(preset, repo):
+    out = dry_run(repo, f"{preset}.yaml", "paper.yaml")
     text = out.stdout + out.stderr
     assert '"group_size":16' in text and '"minibatch_episodes":24' in text
     assert f"results/{preset}-paper/ript/model.pt" in text
+    assert ran_config(out) == resolve(merged(f"{preset}.yaml", "paper.yaml"))
 
 
-def _config(tmp_path: Path, data: dict, **extra) -> dict:
-    base = yaml.safe_load((REPO / "config" / "tests.yaml").read_text())
-    return {**base, "data": data, **extra}
+def test_no_configfile_runs_the_embedded_default(repo):
+    proc = snakemake_in(repo, "-n", "-p", timeout=300)  # the README's command 1
+    assert ran_config(proc) == resolve(merged("config.yaml"))
+
+
+def refused(repo: Path, config: dict, *overlays: str):
+    """`snakemake -n --configfile <config> [overlays]` from the root, expected to fail."""
+    (repo / "bad.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    proc = dry_run(repo, "../bad.yaml", *overlays, check=False)
+    assert proc.returncode != 0
+    return proc.stdout + proc.stderr
+
+
+def _tests_config(**blocks) -> dict:
+    """config/tests.yaml with blocks changed (keys merged; `data` replaced whole)."""
+    cfg = yaml.safe_load((REPO / "config" / "tests.yaml").read_text())
+    for name, block in blocks.items():
+        cfg[name] = block if name == "data" else {**cfg.get(name, {}), **block}
+    return cfg
+
+
+# The late config errors of issue #12: each used to fail inside a job after data and SFT.
+LATE_ERRORS = {
+    "ript.max_episode_steps": {"ript": {"max_episode_steps": 800}},
+    "evaluation.max_episode_steps": {"evaluation": {"max_episode_steps": 600}},
+    "prior.lowdim_keys": {"prior": {"lowdim_keys": ["joint_states"]}},
+    "prior.rgb_keys": {"prior": {"rgb_keys": ["corner_rgb"]}},  # data.image is false
+    "autoencoder.chunk_size": {"autoencoder": {"chunk_size": 30, "downsample": 4}},
+}
+
+
+@pytest.mark.parametrize("key", sorted(LATE_ERRORS))
+def test_late_config_errors_fail_the_dry_run_with_one_line_naming_the_key(key, repo):
+    out = refused(repo, _tests_config(**LATE_ERRORS[key]))
+    lines = [ln for ln in out.splitlines() if ln.startswith(f"config error: {key}:")]
+    assert len(lines) == 1, out[-3000:]
 
 
 @needs_libero
-def test_unknown_libero_task_fails_at_parse_time_listing_valid_ones(tmp_path):
-    cfg = _config(tmp_path, {"benchmark": "libero", "suite": "libero_goal",
-                             "tasks": ["make_coffee"]})
-    proc = run_snakemake(tmp_path, cfg, "-n", check=False)
-    assert proc.returncode != 0
-    out = proc.stdout + proc.stderr
+def test_variant_contexts_are_refused_for_libero(repo):
+    cfg = yaml.safe_load((REPO / "config" / "libero_goal.yaml").read_text())
+    cfg["ript"]["contexts"] = "train_variants"
+    out = refused(repo, cfg)
+    assert "config error: ript.contexts: train_variants exists for MetaWorld only" in out
+
+
+@needs_libero
+def test_unknown_libero_task_fails_at_parse_time_listing_valid_ones(repo):
+    out = refused(repo, _tests_config(data={"benchmark": "libero", "suite": "libero_goal",
+                                            "tasks": ["make_coffee"]}))
+    assert "config error: data.tasks:" in out
     assert "unknown task 'make_coffee'" in out and "put_the_bowl_on_the_stove" in out
 
 
-def test_metaworld_keys_are_refused_for_libero_and_pretrain_needs_stage_2(tmp_path):
-    cfg = _config(tmp_path, {"benchmark": "libero", "suite": "libero_goal", "tasks": "all",
-                             "action_noise": 0.1})
-    proc = run_snakemake(tmp_path / "a", cfg, "-n", check=False)
-    assert proc.returncode != 0 and "action_noise" in proc.stdout + proc.stderr
-    cfg = _config(tmp_path, {"tasks": ["reach-v3"]}, pretrain={"tasks": ["push-v3"]})
-    proc = run_snakemake(tmp_path / "b", cfg, "-n", check=False)
-    assert proc.returncode != 0 and "finetune.enabled" in proc.stdout + proc.stderr
+def test_metaworld_keys_are_refused_for_libero_and_pretrain_needs_stage_2(repo):
+    out = refused(repo, _tests_config(data={"benchmark": "libero", "suite": "libero_goal",
+                                            "tasks": "all", "action_noise": 0.1}))
+    assert "action_noise" in out
+    out = refused(repo, _tests_config(pretrain={"tasks": ["push-v3"]}))
+    assert "config error: finetune.enabled:" in out

@@ -44,8 +44,9 @@ CHUNK = 1 << 20
 class LiberoDataConfig:
     benchmark: str = "libero"
     """Benchmark of the data stage; this module handles only "libero"."""
-    suite: str = "libero_goal"
-    """LIBERO suite: libero_spatial, libero_object, libero_goal, libero_10 (Long) or libero_90."""
+    suite: str = ""
+    """LIBERO suite (required): libero_spatial, libero_object, libero_goal, libero_10 (Long) or
+    libero_90."""
     tasks: list[str] | str = "all"
     """Task names of the suite (benchmark order gives the task ids), or "all"."""
     demos_per_task: int = 50

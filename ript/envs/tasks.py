@@ -35,3 +35,33 @@ def resolve_tasks(benchmark: str, tasks: list[str] | str, suite: str | None = No
             task_index(suite, t)  # raises, listing the suite's tasks
         return list(tasks)
     raise ValueError(f"unknown benchmark {benchmark!r}; valid: metaworld, libero")
+
+
+# Longest episode each benchmark allows: MetaWorld v3 truncates at 500 steps; LIBERO runs
+# until robosuite's horizon of 1000.
+EPISODE_STEP_LIMIT = {"metaworld": 500, "libero": 1000}
+
+
+def step_limit(benchmark: str) -> int:
+    if benchmark not in EPISODE_STEP_LIMIT:
+        raise ValueError(f"unknown benchmark {benchmark!r}; valid: {sorted(EPISODE_STEP_LIMIT)}")
+    return EPISODE_STEP_LIMIT[benchmark]
+
+
+def observation_keys(benchmark: str, image: bool = True) -> list[str]:
+    """Observation keys that both the data stage records and the benchmark's env runner
+    produces, i.e. the keys a policy may be trained on and rolled out with."""
+    if benchmark == "metaworld":
+        from ript.envs.metaworld import ObsSpec
+
+        return ObsSpec(image=image).keys()
+    if benchmark == "libero":
+        from ript.envs.libero import CAMERAS, LOWDIM
+
+        return list(LOWDIM.values()) + list(CAMERAS.values())
+    raise ValueError(f"unknown benchmark {benchmark!r}; valid: {sorted(EPISODE_STEP_LIMIT)}")
+
+
+def has_variant_contexts(benchmark: str) -> bool:
+    """Whether RIPT can draw contexts from task variants without demos (MetaWorld's 50)."""
+    return benchmark == "metaworld"

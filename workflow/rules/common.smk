@@ -4,9 +4,8 @@ import json
 import os
 import sys
 
-from ript.data.libero_data import LiberoDataConfig
-from ript.data.metaworld_demos import DataConfig
 from ript.envs.tasks import resolve_tasks
+from ript.experiment import data_config_class
 from ript.utils import source_hash, stable_hash
 
 # A preset's variant (e.g. `paper`, config/paper.yaml) gets its own results, never the preset's.
@@ -24,14 +23,6 @@ PRETRAIN_TASKS = (
     if PRETRAIN
     else []
 )
-if PRETRAIN and not config["finetune"]["enabled"]:
-    raise ValueError(
-        "config: `pretrain` trains stages 0-1 on other tasks; stage 2 (finetune.enabled: "
-        "true) is what adapts the policy to data.tasks (spec §4.5)"
-    )
-if PRETRAIN and BENCHMARK == "libero" and not PRETRAIN.get("suite"):
-    raise ValueError("config: pretrain.suite is required for LIBERO")
-
 # Jobs find `python` of the environment that runs Snakemake (the project's .venv) first on
 # PATH, so no activation step is needed, also inside SLURM jobs (they re-read this file).
 _VENV_BIN = os.path.dirname(sys.executable)
@@ -70,8 +61,7 @@ TRAIN_CODE = ("train", "data/dataset.py", "data/hdf5.py")
 
 # The data stage's own keys, read from its config class: a key the stage does not know is left
 # out of its params, so editing one benchmark's keys cannot invalidate the other's files.
-_DATA_CONFIG = {"metaworld": DataConfig, "libero": LiberoDataConfig}[BENCHMARK]
-_DATA_KEYS = [f.name for f in dataclasses.fields(_DATA_CONFIG)]
+_DATA_KEYS = [f.name for f in dataclasses.fields(data_config_class(BENCHMARK))]
 
 
 def data_block(split, task):
