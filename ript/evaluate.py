@@ -259,37 +259,12 @@ def resolve_device(name: str):
     return torch.device(name)
 
 
-class _DeviceSampling:
-    """A policy on a GPU, driven by the runner's seeded CPU generator: torch samples on CUDA
-    only with a CUDA generator, so the policy gets one seeded from the runner's (a new one per
-    run: one deterministic stream per evaluation). CPU evaluation never uses this wrapper."""
-
-    def __init__(self, policy, device):
-        self.policy, self.device = policy, device
-        self._source = self._generator = None
-
-    def act(self, obs, task, generator=None, active=None):
-        import torch
-
-        if generator is not None and generator.device.type != self.device.type:
-            if generator is not self._source:
-                self._source = generator
-                self._generator = torch.Generator(device=self.device).manual_seed(
-                    generator.initial_seed())
-            generator = self._generator
-        return self.policy.act(obs, task, generator, active)
-
-    def __getattr__(self, name):  # reset, reset_envs, task_vocab: the policy's own
-        return getattr(self.policy, name)
-
-
 def place_policy(policy, device):
     """Move a learned policy to `device` (observations follow: QuestPolicy.plan moves them to
     the policy's device); scripted policies have no device and stay as they are."""
     if not hasattr(policy, "to"):
         return policy
-    policy.to(device)
-    return policy if device.type == "cpu" else _DeviceSampling(policy, device)
+    return policy.to(device)  # sampling draws from the runner's CPU generator (prior.py)
 
 
 def _eval_main(argv) -> dict:

@@ -219,7 +219,15 @@ def _sample_top_k(logits: Tensor, top_k: int | None, temperature: float,
     else:
         vals, idx = scaled.topk(top_k, dim=-1)
     logp = torch.log_softmax(vals, dim=-1)
-    choice = torch.multinomial(logp.exp(), 1, generator=generator)  # (B, 1)
+    probs = logp.exp()
+    if generator is not None and generator.device != probs.device:
+        # The runners hold one seeded CPU generator (results must not depend on where the
+        # policy runs); torch samples only with a generator on the tensor's device, so a policy
+        # on a GPU draws on the CPU: a (B, k) copy per chunk, and the same tokens as on a CPU.
+        choice = torch.multinomial(probs.to(generator.device), 1,
+                                   generator=generator).to(probs.device)
+    else:
+        choice = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
     lp = logp.gather(-1, choice).squeeze(-1)
     tok = choice.squeeze(-1) if idx is None else idx.gather(-1, choice).squeeze(-1)
     return tok, lp

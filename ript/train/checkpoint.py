@@ -26,8 +26,10 @@ class CheckpointError(ValueError):
 
 
 def save(path: str | Path, payload: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    # Through a file object: torch names the archive inside after a path it is given (here a
+    # random temporary name), so the same weights would give other bytes in every run.
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)
 
 
 def load(path: str | Path) -> dict[str, Any]:
