@@ -7,29 +7,38 @@ more CPUs and memory than the machine has, so that the profile's unchanged reque
 `--cpus-per-gpu`, `--mem`) are scheduled; the jobs run on the CPU. slurm-down.sh stops only the
 daemons slurm-up.sh started.
 
-The executor plugin is not part of the base install (it makes every Snakemake start call
-`scontrol`): if the venv lacks it, it is installed into a session folder put on PYTHONPATH of the
-Snakemake runs only (SLURM jobs inherit it), and the venv stays as it was.
+The `slurm` extra (the executor plugin, MLflow's basic-auth app) is not part of the base install
+(the plugin makes every Snakemake start call `scontrol`): what the venv lacks of it is installed
+into a session folder put on PYTHONPATH of the MLflow server and the Snakemake runs only (SLURM
+jobs inherit it), and the venv stays as it was.
 
-Jobs log to an `mlflow server` on 127.0.0.1 started here, as on a cluster (docs/slurm.md).
+Jobs log to an authenticated `mlflow server --app-name basic-auth` on 127.0.0.1 started here, as on
+a cluster (docs/slurm.md, section 3): its admin password only in an auth config file of mode 600
+outside the repository, jobs logging as a pipeline user without admin rights whose credentials
+reach them through the environment only (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
+from unittest import mock
 
 import pytest
 import yaml
@@ -92,52 +101,79 @@ def slurm_cluster():
 
 
 @pytest.fixture(scope="session")
-def plugin_env(tmp_path_factory) -> dict:
-    """Environment for Snakemake runs in which the SLURM executor plugin is importable."""
-    probe = [sys.executable, "-c", "import snakemake_executor_plugin_slurm"]
-    if subprocess.run(probe, capture_output=True).returncode == 0:
+def slurm_extra_env(tmp_path_factory) -> dict:
+    """Environment in which the `slurm` extra (executor plugin, MLflow's basic-auth app) is
+    importable: what the venv lacks of it goes into a session folder on PYTHONPATH."""
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
+    # what `pip install -e '.[slurm]'` would add to this venv (already installed: kept)
+    report = subprocess.run([*pip, "--dry-run", "--report", "-", *_slurm_extra()], check=True,
+                            text=True, capture_output=True, timeout=600).stdout
+    missing = [f"{p['metadata']['name']}=={p['metadata']['version']}"
+               for p in json.loads(report)["install"]]
+    if not missing:
         return {}
-    target = tmp_path_factory.mktemp("slurm-plugin")
-    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target)]
-    # The version range of the `slurm` extra; its other dependencies are in the base install.
-    subprocess.run([*pip, _slurm_extra()], check=True, timeout=600)
-    dist = next(target.glob("snakemake_executor_plugin_slurm-*.dist-info"))
-    jobstep = next(line.split(":", 1)[1].strip()
-                   for line in (dist / "METADATA").read_text().splitlines()
-                   if line.startswith("Requires-Dist: snakemake-executor-plugin-slurm-jobstep"))
-    subprocess.run([*pip, jobstep], check=True, timeout=600)
+    target = tmp_path_factory.mktemp("slurm-extra")
+    subprocess.run([*pip, "--no-deps", "--target", str(target), *missing], check=True,
+                   timeout=600)
     pythonpath = os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))
     env = {"PYTHONPATH": pythonpath}
-    subprocess.run(probe, check=True, env={**os.environ, **env})
+    probe = "import snakemake_executor_plugin_slurm, flask_wtf"
+    subprocess.run([sys.executable, "-c", probe], check=True, env={**os.environ, **env})
     return env
 
 
-def _slurm_extra() -> str:
+def _slurm_extra() -> list[str]:
+    """The requirements of pyproject's `slurm` extra."""
     try:
         import tomllib
     except ImportError:  # Python 3.10
-        return "snakemake-executor-plugin-slurm"
-    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
-        "optional-dependencies"]
-    return next(r for r in extras["slurm"] if r.startswith("snakemake-executor-plugin-slurm"))
+        return ["snakemake-executor-plugin-slurm>=2.0,<3", "mlflow[auth]>=3.0,<4"]
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["slurm"]
+
+
+# The auth config of docs/slurm.md, section 3: users see only what they created or were granted.
+AUTH_INI = """[mlflow]
+default_permission = NO_PERMISSIONS
+database_uri = sqlite:///{db}
+admin_username = admin
+admin_password = {password}
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+"""
+
+
+class MlflowServer(NamedTuple):
+    uri: str
+    user: str  # the pipeline's user (no admin rights), as docs/slurm.md creates it
+    password: str
+    stranger: tuple[str, str]  # another user of the server: must not see the pipeline's runs
+    dir: Path  # the server's databases, artifacts and log
 
 
 @pytest.fixture(scope="session")
-def _mlflow_process(tmp_path_factory):
-    """`mlflow server` on 127.0.0.1 with a SQLite backend only it writes, as on a login node.
-    Started before the cluster: it takes 5-25 s to answer."""
+def _mlflow_process(tmp_path_factory, slurm_extra_env):
+    """`mlflow server --app-name basic-auth` on 127.0.0.1 with SQLite backends only it writes,
+    as on a login node. Started before the cluster: it takes 5-25 s to answer."""
     d = tmp_path_factory.mktemp("mlflow-server")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    admin_password = secrets.token_urlsafe(24)
+    ini = d / "auth.ini"
+    ini.touch(mode=0o600)
+    ini.write_text(AUTH_INI.format(db=d / "auth.db", password=admin_password))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_AUTH_ADMIN_")}
+    env.update(slurm_extra_env, MLFLOW_AUTH_CONFIG_PATH=str(ini),
+               MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(32))
     log = open(d / "server.log", "w")
     proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
+        [str(BIN / "mlflow"), "server", "--app-name", "basic-auth",
+         "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
          "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        yield proc, f"http://127.0.0.1:{port}", d / "server.log"
+        yield proc, f"http://127.0.0.1:{port}", d, ("admin", admin_password)
     finally:
         # its own process group: the server and its workers, nothing else
         with contextlib.suppress(ProcessLookupError):
@@ -152,24 +188,34 @@ def _mlflow_process(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(_mlflow_process) -> str:
-    """The tracking URI of the session's `mlflow server`, once it answers."""
-    proc, uri, log = _mlflow_process
+def mlflow_server(_mlflow_process) -> MlflowServer:
+    """The session's `mlflow server` once it answers, with the pipeline's user created by the
+    admin (docs/slurm.md) and a second, unrelated user."""
+    proc, uri, d, admin = _mlflow_process
     deadline = time.time() + 180
     while True:
         try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            return uri
+            urllib.request.urlopen(f"{uri}/health", timeout=2)  # /health needs no login
+            break
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
-                pytest.fail(f"mlflow server did not start:\n{log.read_text()}")
+                pytest.fail(f"mlflow server did not start:\n{(d / 'server.log').read_text()}")
             time.sleep(0.5)
+    users = {}
+    for name in ("ript", "stranger"):
+        users[name] = secrets.token_urlsafe(24)
+        status = http_status(f"{uri}/api/2.0/mlflow/users/create", admin,
+                             {"username": name, "password": users[name]})
+        assert status == 200, f"creating user {name}: HTTP {status}"
+    return MlflowServer(uri, "ript", users["ript"], ("stranger", users["stranger"]), d)
 
 
 @pytest.fixture
-def cluster_env(_mlflow_process, slurm_cluster, plugin_env, mlflow_server) -> dict:
+def cluster_env(_mlflow_process, slurm_cluster, slurm_extra_env, mlflow_server) -> dict:
     """What a user exports on the login node (docs/slurm.md), pointed at the CI cluster."""
-    env = {**os.environ, **plugin_env, "MLFLOW_TRACKING_URI": mlflow_server,
+    env = {**os.environ, **slurm_extra_env, "MLFLOW_TRACKING_URI": mlflow_server.uri,
+           "MLFLOW_TRACKING_USERNAME": mlflow_server.user,
+           "MLFLOW_TRACKING_PASSWORD": mlflow_server.password,
            "SLURM_PARTITION": PARTITION, "RIPT_GPUS": str(RIPT_GPUS)}
     env.pop("SLURM_ACCOUNT", None)
     env.pop("SLURM_GPU_PARTITION", None)
@@ -250,13 +296,52 @@ def profile_resources(rule: str) -> dict:
     return prof.get("set-resources", {}).get(rule, {})
 
 
-def mlflow_runs(uri: str, experiment: str) -> list:
+def mlflow_runs(server: MlflowServer, experiment: str) -> list:
+    """The experiment's runs, read as the pipeline's user (the client reads its credentials
+    from the environment at each request)."""
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
-    assert exp is not None, f"no MLflow experiment {experiment} on {uri}"
-    return client.search_runs([exp.experiment_id], max_results=1000)
+    creds = {"MLFLOW_TRACKING_USERNAME": server.user, "MLFLOW_TRACKING_PASSWORD": server.password}
+    with mock.patch.dict(os.environ, creds):
+        client = mlflow.MlflowClient(tracking_uri=server.uri)
+        exp = client.get_experiment_by_name(experiment)
+        assert exp is not None, f"no MLflow experiment {experiment} on {server.uri}"
+        return client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def http_status(url: str, auth: tuple[str, str] | None = None, body: dict | None = None) -> int:
+    """HTTP status of a GET (or a POST of `body` as JSON), with basic auth if given."""
+    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    if auth:
+        token = base64.b64encode(":".join(auth).encode()).decode()
+        req.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def sbatch_recorder(workdir: Path, env: dict) -> tuple[dict, Path]:
+    """`env` with tests/slurm/sbatch-recorder.sh first on PATH as `sbatch`, and the file where
+    it records every sbatch command line (and batch script) before running the real sbatch."""
+    real = shutil.which("sbatch", path=env.get("PATH"))
+    assert real, "no sbatch on PATH"
+    shim = workdir / "sbatch-recorder"
+    shim.mkdir()
+    (shim / "sbatch").symlink_to(SLURM_DIR / "sbatch-recorder.sh")
+    log = shim / "calls.txt"
+    log.touch()
+    return {**env, "PATH": f"{shim}{os.pathsep}{env['PATH']}", "RIPT_CI_SBATCH": real,
+            "RIPT_CI_SBATCH_LOG": str(log)}, log
+
+
+def files_containing(root: Path, secret: str) -> list[Path]:
+    """Files under `root` whose bytes contain `secret`."""
+    needle = secret.encode()
+    return [f for f in root.rglob("*") if f.is_file() and not f.is_symlink()
+            and needle in f.read_bytes()]
 
 
 def rule_of_stage(stage: str) -> str:
@@ -272,8 +357,11 @@ def log_steps(log: Path, stage: str) -> list[int]:
 def test_pipeline_runs_through_slurm(tmp_path, cluster_env, mlflow_server):
     exp = unique("slurm")
     cfg = write_config(tmp_path, {"experiment": exp, **TINY})
-    cmd = snakemake_cmd(tmp_path, "--configfile", str(cfg), "--printshellcmds")
-    proc = run(cmd, tmp_path, cluster_env)
+    # every sbatch command line recorded; SLURM's job logs kept, to be searched below
+    env, sbatch_log = sbatch_recorder(tmp_path, cluster_env)
+    cmd = snakemake_cmd(tmp_path, "--configfile", str(cfg), "--printshellcmds",
+                        "--slurm-keep-successful-logs")
+    proc = run(cmd, tmp_path, env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"snakemake failed ({proc.returncode}):\n{out[-6000:]}"
 
@@ -321,6 +409,27 @@ def test_pipeline_runs_through_slurm(tmp_path, cluster_env, mlflow_server):
     tracked = [j for j in jobs if j["rule"] in {"demos", "autoencoder", "prior", "finetune",
                                                   "ript", "evaluate"}]
     assert all(tagged[j["id"]] == 1 for j in tracked), (tagged, tracked)
+
+    # The server lets in the pipeline's user only: no credentials or a wrong password get 401,
+    # another user of the server 403 (default_permission = NO_PERMISSIONS).
+    url = f"{mlflow_server.uri}/api/2.0/mlflow/experiments/get-by-name?experiment_name={exp}"
+    user = mlflow_server.user
+    assert http_status(url, (user, mlflow_server.password)) == 200
+    assert http_status(url) == 401
+    assert http_status(url, (user, mlflow_server.password[:-1] + "!")) == 401
+    assert http_status(url, ("nobody", mlflow_server.password)) == 401
+    assert http_status(url, mlflow_server.stranger) == 403
+
+    # The password reached the jobs through their environment only: not on an sbatch command
+    # line, in Snakemake's or SLURM's logs, the stage logs, results, or what MLflow stored.
+    sbatch = sbatch_log.read_text()
+    assert len(re.findall(r"^sbatch .*--job-name", sbatch, flags=re.M)) == len(jobs), sbatch
+    assert mlflow_server.password not in sbatch
+    assert len(list((tmp_path / ".snakemake" / "slurm_logs").rglob("*.log"))) == len(jobs)
+    assert (tmp_path / "logs" / exp).is_dir()
+    leaks = [*files_containing(tmp_path, mlflow_server.password),  # the Snakemake working dir
+             *files_containing(mlflow_server.dir, mlflow_server.password)]
+    assert not leaks, leaks
 
 
 def test_failing_rule_fails_the_run(tmp_path, cluster_env):
