@@ -54,12 +54,12 @@ def load_summaries(paths: list[str]) -> dict[str, dict]:
 
 def pooled(summaries: dict[str, dict]) -> dict:
     """Mean of per-task rates (equal episodes per task) with a Wilson interval over all."""
-    from ript.evaluate import wilson_interval
+    from ript.results import wilson_interval
 
     n = sum(s["episodes"] for s in summaries.values())
     errors = sum(s.get("errors", 0) for s in summaries.values())
     k = sum(s["successes"] for s in summaries.values())
-    lo, hi = wilson_interval(k, n - errors)  # errored episodes are not scored (ript.evaluate)
+    lo, hi = wilson_interval(k, n - errors)  # errored episodes are not scored (ript.results)
     rate = sum(s["success_rate"] for s in summaries.values()) / max(len(summaries), 1)
     return {"success_rate": rate, "wilson_low": lo, "wilson_high": hi, "episodes": n,
             "successes": k, "errors": errors}

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from ript.envs.runner import ScriptedExpertPolicy
-from ript.evaluate import EvalConfig, aggregate, error_problem, evaluate, summarize
+from ript.evaluate import EvalConfig, error_problem, evaluate
 from ript.evaluate import main as eval_main
-from ript.evaluate import wilson_interval
+from ript.results import aggregate, summarize, wilson_interval
 
 from conftest import mlflow_runs, tiny_quest_parts
 

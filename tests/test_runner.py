@@ -249,7 +249,7 @@ def test_episode_contexts_from_data():
 
 @pytest.mark.filterwarnings("ignore:MP4 writing failed")
 def test_image_observations_with_forkserver_workers(tmp_path):
-    from ript.evaluate import save_videos
+    from ript.results import save_videos
 
     class Shapes(RandomPolicy):
         def act(self, obs, task, generator=None, active=None):

@@ -20,7 +20,9 @@ rule evaluate:
     params:
         seed=SEED,
         cfg=as_json(config["evaluation"]),
-        code=source_hash("evaluate.py", "envs", "models", "train/checkpoint.py"),
+        code=source_hash(
+            "evaluate.py", "results.py", "envs", "models", "train/checkpoint.py"
+        ),
     shell:
         "python -m ript.evaluate --checkpoint {input.model} --task {wildcards.task} "
         "--policy-name {wildcards.policy} --config {params.cfg:q} "
@@ -38,5 +40,7 @@ rule aggregate:
         f"{RESULTS}/benchmarks/eval/{{policy}}/aggregate.tsv"
     conda:
         "../envs/ript.yaml"
+    params:
+        code=source_hash("results.py"),
     shell:
-        "python -m ript.evaluate aggregate --inputs {input} --out {output} > {log} 2>&1"
+        "python -m ript.results --inputs {input} --out {output} > {log} 2>&1"
