@@ -2,7 +2,10 @@
 
 Per-task held-out success before (SFT) and after RIPT with Wilson 95 % intervals (table + bar
 chart), the RIPT curves, the stage-0/1 loss curves, the config and each stage's wall time.
-Writes `index.html` (self-contained apart from the PNGs beside it), `report.md` and `summary.json`.
+The success numbers are read from the per-policy tables `eval/{sft,ript}/table.csv`
+(`ript.results.aggregate`), so the page, `summary.json` and the tables cannot disagree.
+Writes `index.html` (self-contained apart from the PNGs beside it; images scale to the page),
+`report.md` and `summary.json`.
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ import html
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
 from ript.config import from_dict, require
+from ript.results import read_table
 from ript.stage import load_block
 from ript.tracking import read_jsonl
 from ript.utils import atomic_path, write_json
@@ -44,25 +49,18 @@ def _plt():
     return plt
 
 
-def load_summaries(paths: list[str]) -> dict[str, dict]:
-    out = {}
-    for p in paths:
-        s = json.loads(Path(p).read_text())
-        out[s["task"]] = s
-    return out
+# The keys of a pooled ('mean') row that summary.json keeps, as before the tables were read.
+POOLED_KEYS = ("success_rate", "wilson_low", "wilson_high", "episodes", "successes", "errors")
+# Widest figure (inches): at the report's dpi it still fits the page; CSS scales what is wider.
+MAX_FIG_WIDTH = 11.0
 
 
-def pooled(summaries: dict[str, dict]) -> dict:
-    """Mean of per-task rates (equal episodes per task) with a Wilson interval over all."""
-    from ript.results import wilson_interval
-
-    n = sum(s["episodes"] for s in summaries.values())
-    errors = sum(s.get("errors", 0) for s in summaries.values())
-    k = sum(s["successes"] for s in summaries.values())
-    lo, hi = wilson_interval(k, n - errors)  # errored episodes are not scored (ript.results)
-    rate = sum(s["success_rate"] for s in summaries.values()) / max(len(summaries), 1)
-    return {"success_rate": rate, "wilson_low": lo, "wilson_high": hi, "episodes": n,
-            "successes": k, "errors": errors}
+def load_table(path) -> tuple[dict[str, dict], dict]:
+    """A policy's table -> ({task: row}, pooled) where pooled is the 'mean' row: the mean of
+    per-task rates with a Wilson interval over all scored episodes (`ript.results.aggregate`)."""
+    rows, mean = read_table(path)
+    per_task = {r["task"]: r for r in rows.to_dict("records")}  # plain Python numbers (JSON)
+    return per_task, {k: mean[k] for k in POOLED_KEYS}
 
 
 def error_warning(sft: dict[str, dict], ript: dict[str, dict]) -> str | None:
@@ -76,16 +74,17 @@ def error_warning(sft: dict[str, dict], ript: dict[str, dict]) -> str | None:
             "(success is over the episodes that ran): " + "; ".join(bad) + ".")
 
 
-def bar_chart(sft: dict, ript: dict, out: Path, dpi: int) -> None:
+def bar_chart(sft: dict, ript: dict, pooled: dict, out: Path, dpi: int) -> None:
+    """`pooled`: {"SFT": mean row, "RIPT": mean row}, the last pair of bars."""
     plt = _plt()
     tasks = list(sft)
     fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(tasks) + 2), 3.6))
     width = 0.38
     for i, (name, res, color) in enumerate([("SFT", sft, "#8c8c8c"), ("RIPT", ript, "#d62728")]):
         xs = [j + (i - 0.5) * width for j in range(len(tasks) + 1)]
-        vals = [res[t]["success_rate"] for t in tasks] + [pooled(res)["success_rate"]]
-        lows = [res[t]["wilson_low"] for t in tasks] + [pooled(res)["wilson_low"]]
-        highs = [res[t]["wilson_high"] for t in tasks] + [pooled(res)["wilson_high"]]
+        vals = [res[t]["success_rate"] for t in tasks] + [pooled[name]["success_rate"]]
+        lows = [res[t]["wilson_low"] for t in tasks] + [pooled[name]["wilson_low"]]
+        highs = [res[t]["wilson_high"] for t in tasks] + [pooled[name]["wilson_high"]]
         err = [[v - lo for v, lo in zip(vals, lows)], [hi - v for v, hi in zip(vals, highs)]]
         ax.bar(xs, [100 * v for v in vals], width, yerr=[[100 * e for e in err[0]],
                                                          [100 * e for e in err[1]]],
@@ -101,10 +100,16 @@ def bar_chart(sft: dict, ript: dict, out: Path, dpi: int) -> None:
     plt.close(fig)
 
 
+def _panels_size(n: int) -> tuple[float, float]:
+    """A row of n panels no wider than MAX_FIG_WIDTH (4.2 in each made three panels 1386 px at
+    110 dpi, wider than the page)."""
+    return min(3.7 * n, MAX_FIG_WIDTH), 3.2
+
+
 def curves(rows: list[dict], panels: list[tuple[str, list[str]]], out: Path, dpi: int,
            xlabel: str) -> None:
     plt = _plt()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=_panels_size(len(panels)), squeeze=False)
     for ax, (title, keys) in zip(axes[0], panels):
         for key in keys:
             pts = [(r["step"], r[key]) for r in rows if key in r]
@@ -119,25 +124,48 @@ def curves(rows: list[dict], panels: list[tuple[str, list[str]]], out: Path, dpi
     plt.close(fig)
 
 
-def wall_times(bench_dir: Path) -> list[tuple[str, float]]:
-    """(job, seconds) from Snakemake's benchmark files."""
+class JobTime(NamedTuple):
+    job: str
+    seconds: float
+    end: float  # Unix time the job ended (its benchmark file's mtime)
+
+
+def job_times(bench_dir: Path) -> list[JobTime]:
+    """Each job's run time from Snakemake's benchmark files (the last row: the last repeat)."""
     out = []
     for f in sorted(bench_dir.rglob("*.tsv")):
         with open(f) as h:
             rows = list(csv.DictReader(h, delimiter="\t"))
         if rows:
-            out.append((str(f.relative_to(bench_dir).with_suffix("")), float(rows[-1]["s"])))
+            out.append(JobTime(str(f.relative_to(bench_dir).with_suffix("")),
+                               float(rows[-1]["s"]), f.stat().st_mtime))
     return out
 
 
-def build(cfg: ReportConfig, *, sft_paths, ript_paths, ript_metrics, stage_metrics,
+def wall_clock(times: list[JobTime]) -> float | None:
+    """The pipeline's wall clock: from the earliest job start to the latest job end.
+
+    A benchmark file holds a job's duration but no timestamps; Snakemake writes it when the job
+    ends, so its mtime is the job's end and mtime - seconds its start. The report's own file is
+    left out: it is written after this page, so what is there is a previous report's. The span
+    covers every job whose benchmark is present, so results built over several Snakemake
+    invocations include the time between them, and copying the results without their mtimes
+    (cp without -p) makes it meaningless. None without any job.
+    """
+    jobs = [t for t in times if t.job != "report"]
+    if not jobs:
+        return None
+    return max(t.end for t in jobs) - min(t.end - t.seconds for t in jobs)
+
+
+def build(cfg: ReportConfig, *, sft_table, ript_table, ript_metrics, stage_metrics,
           bench_dir, full_config, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
-    sft, ript = load_summaries(sft_paths), load_summaries(ript_paths)
+    (sft, ps), (ript, pr) = load_table(sft_table), load_table(ript_table)
     if set(sft) != set(ript):
         raise ValueError(f"SFT and RIPT were evaluated on different tasks: {sorted(sft)} vs "
                          f"{sorted(ript)}")
-    bar_chart(sft, ript, out_dir / "success.png", cfg.dpi)
+    bar_chart(sft, ript, {"SFT": ps, "RIPT": pr}, out_dir / "success.png", cfg.dpi)
     rl_rows = read_jsonl(ript_metrics)
     curves(rl_rows, [("success", ["train_success", "eval_success"]),
                      ("groups per iteration", ["groups_kept", "groups_rejected"]),
@@ -147,7 +175,7 @@ def build(cfg: ReportConfig, *, sft_paths, ript_paths, ript_metrics, stage_metri
     panels = [(f"{name} loss", ["recon_l1"] if name == "autoencoder" else ["ce"])
               for name in stage_rows]
     plt = _plt()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=_panels_size(len(panels)), squeeze=False)
     for ax, (title, keys), rows in zip(axes[0], panels, stage_rows.values()):
         ax.plot([r["step"] for r in rows], [r[keys[0]] for r in rows])
         ax.set_title(title)
@@ -156,13 +184,15 @@ def build(cfg: ReportConfig, *, sft_paths, ript_paths, ript_metrics, stage_metri
     fig.tight_layout()
     fig.savefig(out_dir / "sft_losses.png", dpi=cfg.dpi)
     plt.close(fig)
-    times = wall_times(Path(bench_dir))
-    ps, pr = pooled(sft), pooled(ript)
+    times = job_times(Path(bench_dir))
     lift = 100 * (pr["success_rate"] - ps["success_rate"])
     summary = {"sft": ps, "ript": pr, "lift_points": lift,
                "tasks": {t: {"sft": sft[t]["success_rate"], "ript": ript[t]["success_rate"]}
                          for t in sft},
-               "wall_seconds": dict(times), "total_wall_seconds": sum(s for _, s in times)}
+               "wall_seconds": {t.job: t.seconds for t in times},
+               # the jobs' times added up (what they cost together), not the time the pipeline took
+               "total_wall_seconds": sum(t.seconds for t in times),
+               "wall_clock_seconds": wall_clock(times)}
     write_json(out_dir / "summary.json", summary)
     _write_pages(cfg, out_dir, sft, ript, ps, pr, summary, times, full_config)
     return summary
@@ -173,6 +203,21 @@ def _fmt(s: dict) -> str:
             f"{100 * s['wilson_high']:.0f}]")
 
 
+def _clock_text(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds:.1f}"
+
+
+# Images and tables fit the page at any window width: a figure wider than the column is scaled
+# down (click it for full size); long cells and config lines wrap instead of overflowing.
+CSS = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}
+img{max-width:100%;height:auto}
+.scroll{max-width:100%;overflow-x:auto}
+table{border-collapse:collapse}
+td,th{border:1px solid #ccc;padding:4px 8px;text-align:right;overflow-wrap:anywhere}
+td:first-child,th:first-child{text-align:left}
+pre{white-space:pre-wrap;overflow-wrap:anywhere}"""
+
+
 def _write_pages(cfg, out_dir, sft, ript, ps, pr, summary, times, full_config) -> None:
     rows = [(t, _fmt(sft[t]), _fmt(ript[t]),
              f"{100 * (ript[t]['success_rate'] - sft[t]['success_rate']):+.1f}",
@@ -180,6 +225,9 @@ def _write_pages(cfg, out_dir, sft, ript, ps, pr, summary, times, full_config) -
             for t in sft]
     rows.append(("mean", _fmt(ps), _fmt(pr), f"{summary['lift_points']:+.1f}",
                  ps["episodes"], f"{ps['errors']} / {pr['errors']}"))
+    totals = [("total (sum of the job times)", f"{summary['total_wall_seconds']:.1f}"),
+              ("wall clock (first job start to last job end)",
+               _clock_text(summary["wall_clock_seconds"]))]
     warning = error_warning(sft, ript)
     md = [f"# {cfg.title}", "", *([f"**{warning}**", ""] if warning else []),
           f"Held-out success: SFT {100 * ps['success_rate']:.1f} % → RIPT "
@@ -190,9 +238,10 @@ def _write_pages(cfg, out_dir, sft, ript, ps, pr, summary, times, full_config) -
     md += ["", "![success](success.png)", "", "## RIPT", "", "![ript](ript_curves.png)", "",
            "## Supervised stages", "", "![losses](sft_losses.png)", "", "## Wall time", "",
            "| job | seconds |", "|---|---|"]
-    md += [f"| {j} | {s:.1f} |" for j, s in times]
-    md += [f"| **total** | {summary['total_wall_seconds']:.1f} |", "", "## Config", "",
-           "```yaml", yaml.safe_dump(full_config, sort_keys=False).rstrip(), "```", ""]
+    md += [f"| {t.job} | {t.seconds:.1f} |" for t in times]
+    md += [f"| **{label}** | {value} |" for label, value in totals]
+    md += ["", "## Config", "", "```yaml", yaml.safe_dump(full_config, sort_keys=False).rstrip(),
+           "```", ""]
     with atomic_path(out_dir / "report.md") as tmp:
         tmp.write_text("\n".join(md))
     esc = html.escape
@@ -200,22 +249,29 @@ def _write_pages(cfg, out_dir, sft, ript, ps, pr, summary, times, full_config) -
                     for r in rows)
     warning_html = (f'<p style="color:#b00;font-weight:bold">{esc(warning)}</p>'
                     if warning else "")
-    times_html = "".join(f"<tr><td>{esc(j)}</td><td>{s:.1f}</td></tr>" for j, s in times)
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(cfg.title)}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
-td:first-child{{text-align:left}}</style>
+    times_html = "".join(f"<tr><td>{esc(t.job)}</td><td>{t.seconds:.1f}</td></tr>"
+                         for t in times)
+    times_html += "".join(f"<tr><td><b>{esc(label)}</b></td><td>{value}</td></tr>"
+                          for label, value in totals)
+
+    def figure(src: str, alt: str) -> str:
+        return f'<p><a href="{src}"><img src="{src}" alt="{alt}"></a></p>'
+
+    page = f"""<!doctype html><html><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{esc(cfg.title)}</title>
+<style>{CSS}</style>
 </head><body><h1>{esc(cfg.title)}</h1>
 {warning_html}
 <p>Held-out success: SFT <b>{100 * ps['success_rate']:.1f} %</b> → RIPT
 <b>{100 * pr['success_rate']:.1f} %</b> ({summary['lift_points']:+.1f} points).</p>
-<table><tr><th>task</th><th>SFT [95 % CI]</th><th>RIPT [95 % CI]</th><th>Δ (points)</th>
-<th>episodes</th><th>errors (SFT / RIPT)</th></tr>{table}</table>
-<p><img src="success.png" alt="success per task"></p>
-<h2>RIPT</h2><p><img src="ript_curves.png" alt="RIPT curves"></p>
-<h2>Supervised stages</h2><p><img src="sft_losses.png" alt="stage losses"></p>
-<h2>Wall time</h2><table><tr><th>job</th><th>seconds</th></tr>{times_html}
-<tr><td><b>total</b></td><td>{summary['total_wall_seconds']:.1f}</td></tr></table>
+<div class="scroll"><table><tr><th>task</th><th>SFT [95 % CI]</th><th>RIPT [95 % CI]</th>
+<th>Δ (points)</th><th>episodes</th><th>errors (SFT / RIPT)</th></tr>{table}</table></div>
+{figure("success.png", "success per task")}
+<h2>RIPT</h2>{figure("ript_curves.png", "RIPT curves")}
+<h2>Supervised stages</h2>{figure("sft_losses.png", "stage losses")}
+<h2>Wall time</h2><div class="scroll"><table><tr><th>job</th><th>seconds</th></tr>{times_html}
+</table></div>
 <h2>Config</h2><pre>{esc(yaml.safe_dump(full_config, sort_keys=False))}</pre></body></html>
 """
     with atomic_path(out_dir / "index.html") as tmp:
@@ -226,18 +282,20 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--config", required=True, help="the `report` block (JSON or @file)")
     p.add_argument("--full-config", required=True, help="the whole experiment config (JSON)")
-    p.add_argument("--sft", nargs="+", required=True, help="SFT summary.json files")
-    p.add_argument("--ript", nargs="+", required=True, help="RIPT summary.json files")
+    p.add_argument("--sft-table", required=True, help="the SFT policy's table.csv")
+    p.add_argument("--ript-table", required=True, help="the RIPT policy's table.csv")
     p.add_argument("--ript-metrics", required=True)
     p.add_argument("--stage-metrics", nargs="+", required=True)
     p.add_argument("--benchmarks", required=True, help="Snakemake benchmark folder")
     p.add_argument("--out-dir", required=True)
     a = p.parse_args(argv)
     cfg = from_dict(ReportConfig, load_block(a.config), "report")
-    summary = build(cfg, sft_paths=a.sft, ript_paths=a.ript, ript_metrics=a.ript_metrics,
-                    stage_metrics=a.stage_metrics, bench_dir=a.benchmarks,
+    summary = build(cfg, sft_table=a.sft_table, ript_table=a.ript_table,
+                    ript_metrics=a.ript_metrics, stage_metrics=a.stage_metrics,
+                    bench_dir=a.benchmarks,
                     full_config=load_block(a.full_config), out_dir=Path(a.out_dir))
-    print(json.dumps({k: summary[k] for k in ("lift_points", "total_wall_seconds")}))
+    print(json.dumps({k: summary[k] for k in ("lift_points", "total_wall_seconds",
+                                              "wall_clock_seconds")}))
 
 
 if __name__ == "__main__":

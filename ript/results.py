@@ -21,7 +21,9 @@ import numpy as np
 
 from ript.utils import atomic_path
 
-if TYPE_CHECKING:  # type only: the report and the aggregation need no torch/simulator import
+if TYPE_CHECKING:  # types only: the report and the aggregation need no torch/simulator import
+    import pandas as pd
+
     from ript.envs.runner import EpisodeRecord
 
 EPISODE_FIELDS = ["task", "context_id", "variant", "seed", "success", "length", "error"]
@@ -95,31 +97,52 @@ def save_videos(out_dir: Path, records: list[EpisodeRecord], fps: int = 30) -> l
     return paths
 
 
-def aggregate(inputs: list[str | Path], out: str | Path) -> list[dict]:
+def aggregate(inputs: list[str | Path], out: str | Path) -> pd.DataFrame:
     """Per-task table plus a 'mean' row: mean of per-task rates, Wilson over all scored
-    (error-free) episodes, the sum of errors."""
-    rows = [json.loads(Path(p).read_text()) for p in inputs]
-    if not rows:
+    (error-free) episodes, the sum of errors. Writes it to `out` (CSV) and returns it."""
+    import pandas as pd
+
+    rows = pd.DataFrame([json.loads(Path(p).read_text()) for p in inputs])
+    if rows.empty:
         raise ValueError("aggregate: no inputs")
-    for r in rows:
-        r.setdefault("errors", 0)  # summaries written before errors were counted
-    n = sum(r["episodes"] for r in rows)
-    scored = n - sum(r["errors"] for r in rows)
-    k = sum(r["successes"] for r in rows)
-    low, high = wilson_interval(k, scored)
-    policies = sorted({r.get("policy", "") for r in rows})
-    mean = {"task": "mean", "policy": "+".join(policies), "episodes": n,
-            "errors": n - scored, "successes": k,
-            "success_rate": float(np.mean([r["success_rate"] for r in rows])),
+    # summaries written before errors (or the policy label) were recorded
+    defaults = {"errors": 0, "policy": ""}
+    for col, value in defaults.items():
+        rows[col] = rows[col].fillna(value) if col in rows else value
+    rows["errors"] = rows["errors"].astype(int)
+    table = rows[TABLE_FIELDS]
+    scored = table["episodes"] - table["errors"]
+    k = int(table["successes"].sum())
+    low, high = wilson_interval(k, int(scored.sum()))
+    mean = {"task": "mean", "policy": "+".join(sorted(set(table["policy"]))),
+            "episodes": int(table["episodes"].sum()), "errors": int(table["errors"].sum()),
+            "successes": k,
+            # np.mean and Python's left-to-right sum, not Series.mean/sum: the same floats
+            # to the last bit as the tables written before pandas (pandas may sum pairwise or
+            # through bottleneck)
+            "success_rate": float(np.mean(table["success_rate"].to_numpy())),
             "wilson_low": low, "wilson_high": high,
-            "mean_length": sum(r["mean_length"] * (r["episodes"] - r["errors"])
-                               for r in rows) / max(scored, 1)}
-    table = [{f: r.get(f, "") for f in TABLE_FIELDS} for r in rows] + [mean]
-    with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, TABLE_FIELDS)
-        w.writeheader()
-        w.writerows(table)
+            "mean_length": sum(table["mean_length"] * scored) / max(int(scored.sum()), 1)}
+    table = pd.concat([table, pd.DataFrame([mean])], ignore_index=True)
+    with atomic_path(out) as tmp:
+        # CRLF as the csv module wrote these tables before (RFC 4180): the same bytes as then
+        table.to_csv(tmp, index=False, lineterminator="\r\n")
     return table
+
+
+def read_table(path: str | Path) -> tuple[pd.DataFrame, dict]:
+    """A table written by `aggregate` -> (per-task rows indexed by task, the 'mean' row)."""
+    import pandas as pd
+
+    # Python's float() parses exactly (the shortest repr round-trips); pandas 2's default C
+    # parser may be off by an ulp, so the report could differ from the table in the last bit.
+    floats = {c: float for c in ("success_rate", "wilson_low", "wilson_high", "mean_length")}
+    table = pd.read_csv(path, keep_default_na=False, converters=floats)  # "" policy stays ""
+    is_mean = table["task"] == "mean"
+    if is_mean.sum() != 1:
+        raise ValueError(f"{path}: expected one 'mean' row, found {int(is_mean.sum())}")
+    mean = table[is_mean].iloc[0].to_dict()
+    return table[~is_mean].set_index("task", drop=False), mean
 
 
 def main(argv=None) -> None:

@@ -1,5 +1,5 @@
 """Evaluation stage (spec §6): Wilson interval, CLI end to end, aggregation, infrastructure
-errors (never scored as policy failures), the policy's device, the report's error column."""
+errors (never scored as policy failures), the policy's device. The report: tests/test_report.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from ript.envs.runner import ScriptedExpertPolicy
+from ript.envs.metaworld import ScriptedExpertPolicy
 from ript.evaluate import EvalConfig, error_problem, evaluate
 from ript.evaluate import main as eval_main
 from ript.results import aggregate, summarize, wilson_interval
@@ -142,7 +142,7 @@ def test_evaluation_that_only_errors_fails_and_keeps_its_records(tmp_path):
     assert (s["episodes"], s["errors"], s["successes"]) == (3, 3, 0)
     assert (s["success_rate"], s["wilson_low"], s["wilson_high"]) == (0.0, 0.0, 1.0)
     assert not (out / "summary.failed.json").exists()  # the failed attempt is superseded
-    (t,) = aggregate([out / "summary.json"], tmp_path / "t.csv")[:1]
+    t = aggregate([out / "summary.json"], tmp_path / "t.csv").iloc[0]
     table = list(csv.DictReader(open(tmp_path / "t.csv")))
     assert [r["errors"] for r in table] == ["3", "3"] and t["errors"] == 3
     with pytest.raises(Exception, match="max_error_fraction"):
@@ -166,7 +166,7 @@ class _KillsWorker1Once(ScriptedExpertPolicy):
 
 def test_an_errored_episode_is_reported_not_scored():
     cfg = EvalConfig(episodes_per_task=4, n_envs=2, n_workers=2, max_episode_steps=150)
-    records = evaluate(_KillsWorker1Once(), "reach-v3", cfg, 0, {"image": False})
+    records = evaluate(_KillsWorker1Once(), "reach-v3", cfg, 0, {"obs_spec": {"image": False}})
     # slot i runs on worker i: episode 1 (slot 1) dies; slot 1 takes episode 2 on a fresh
     # worker, slot 0 runs episodes 0 and 3. The expert solves reach on every episode that runs.
     assert [r.error is not None for r in records] == [False, True, False, False]
@@ -203,40 +203,3 @@ def test_aggregate_counts_errors_hand_written(tmp_path):
     assert float(mean["wilson_high"]) == pytest.approx(0.796950, abs=2e-6)
     # mean length over scored episodes: (8 · 100 + 10 · 50) / 18
     assert float(mean["mean_length"]) == pytest.approx(1300 / 18)
-
-
-def test_report_shows_errors_and_warns(tmp_path):
-    from ript.report import ReportConfig, build
-
-    def summary(task, policy, successes, errors):
-        n = 10 - errors
-        lo, hi = wilson_interval(successes, n)
-        return {"task": task, "policy": policy, "episodes": 10, "errors": errors,
-                "successes": successes, "success_rate": successes / n, "wilson_low": lo,
-                "wilson_high": hi, "mean_length": 40.0}
-
-    paths = {}
-    for policy, errors in (("sft", 0), ("ript", 2)):
-        paths[policy] = tmp_path / f"{policy}.json"
-        paths[policy].write_text(json.dumps(summary("reach-v3", policy, 4, errors)))
-    for stage, key in (("autoencoder", "recon_l1"), ("prior", "ce")):
-        (tmp_path / stage).mkdir()
-        (tmp_path / stage / "metrics.jsonl").write_text(json.dumps({"step": 1, key: 0.5}))
-    (tmp_path / "ript.jsonl").write_text(json.dumps(
-        {"step": 0, "eval_success": 0.4, "train_success": 0.5, "groups_kept": 1,
-         "groups_rejected": 0, "clip_frac": 0.0, "ratio_mean": 1.0}))
-    (tmp_path / "bench").mkdir()
-    out = tmp_path / "report"
-    result = build(ReportConfig(), sft_paths=[paths["sft"]], ript_paths=[paths["ript"]],
-                   ript_metrics=tmp_path / "ript.jsonl",
-                   stage_metrics=[tmp_path / "autoencoder" / "metrics.jsonl",
-                                  tmp_path / "prior" / "metrics.jsonl"],
-                   bench_dir=tmp_path / "bench", full_config={}, out_dir=out)
-    # RIPT: 4 of the 8 scored episodes; the pooled interval is over those 8, not 10
-    assert result["ript"]["errors"] == 2 and result["sft"]["errors"] == 0
-    assert (result["ript"]["wilson_low"], result["ript"]["wilson_high"]) == wilson_interval(4, 8)
-    warning = "hit infrastructure errors and were not scored"
-    page, md = (out / "index.html").read_text(), (out / "report.md").read_text()
-    assert warning in page and "RIPT reach-v3: 2 of 10" in page
-    assert "<th>errors (SFT / RIPT)</th>" in page and "<td>0 / 2</td>" in page
-    assert warning in md and "| 10 | 0 / 2 |" in md

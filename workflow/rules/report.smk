@@ -3,9 +3,9 @@
 
 rule report:
     input:
-        sft=expand(f"{RESULTS}/eval/sft/{{task}}/summary.json", task=TASKS),
-        ript=expand(f"{RESULTS}/eval/ript/{{task}}/summary.json", task=TASKS),
-        tables=expand(f"{RESULTS}/eval/{{policy}}/table.csv", policy=["sft", "ript"]),
+        # the per-policy tables (ript.results) hold every success number the report shows
+        sft_table=f"{RESULTS}/eval/sft/table.csv",
+        ript_table=f"{RESULTS}/eval/ript/table.csv",
         ript_metrics=rules.ript.output.metrics,
         stage_metrics=stage_metrics(),
     output:
@@ -38,12 +38,13 @@ rule report:
         "../envs/ript.yaml"
     params:
         cfg=as_json(config["report"]),
-        code=source_hash("report.py"),
+        code=source_hash("report.py", "results.py"),
         # the page shows the whole config; any change re-runs the (cheap) report
         full_config=as_json(config),
         benchmarks=f"{RESULTS}/benchmarks",
     shell:
         "python -m ript.report --config {params.cfg:q} --full-config {params.full_config:q} "
-        "--sft {input.sft} --ript {input.ript} --ript-metrics {input.ript_metrics} "
+        "--sft-table {input.sft_table} --ript-table {input.ript_table} "
+        "--ript-metrics {input.ript_metrics} "
         "--stage-metrics {input.stage_metrics} --benchmarks {params.benchmarks} "
         "--out-dir $(dirname {output.html}) > {log} 2>&1"
