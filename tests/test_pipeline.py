@@ -5,15 +5,25 @@ Also checks that only invalidated stages re-run (issue: re-run only what changed
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
+import os
 import re
 import shutil
+import signal
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from conftest import BIN, REPO, mlflow_runs, run_snakemake
+from ript.tracking import read_jsonl
+from ript.train import checkpoint as ckpt
+
+from conftest import BIN, REPO, copy_repo, mlflow_runs, snakemake_in
 
 pytestmark = pytest.mark.slow
 
@@ -35,22 +45,23 @@ def planned(proc) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    """A private copy of the workflow and library, so code edits stay inside the test."""
-    root = tmp_path_factory.mktemp("pipeline")
-    repo = root / "repo"
-    for part in ("workflow", "ript", "config"):
-        shutil.copytree(REPO / part, repo / part,
-                        ignore=shutil.ignore_patterns("__pycache__"))
-    work = root / "work"
-    cfg = yaml.safe_load((REPO / "config" / "tests.yaml").read_text())
-    env = {"PYTHONPATH": str(repo)}  # the copy's `ript` wins over the installed one
+    """The README's test-config command run from the root of a private copy of the repository
+    (so code edits stay inside the test): `snakemake --configfile config/tests.yaml`."""
+    repo = copy_repo(tmp_path_factory.mktemp("pipeline") / "repo")
+    cfg = yaml.safe_load((repo / "config" / "tests.yaml").read_text())
 
-    def snake(config, *args, check=True):
-        return run_snakemake(work, config, "-s", str(repo / "workflow" / "Snakefile"), *args,
-                             check=check, env=env)
+    def snake(config=None, *args, check=True):
+        """`snakemake ARGS --configfile config/tests.yaml`, or a changed whole config."""
+        path = "config/tests.yaml"
+        if isinstance(config, dict):
+            (repo / "changed.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            path = "changed.yaml"
+        elif config is not None:
+            path = str(config)
+        return snakemake_in(repo, *args, "--configfile", path, check=check)
 
-    proc = snake(cfg)
-    return {"repo": repo, "work": work, "cfg": cfg, "snake": snake, "first": proc}
+    proc = snake()
+    return {"repo": repo, "work": repo, "cfg": cfg, "snake": snake, "first": proc}
 
 
 def test_every_declared_output_exists(pipeline):
@@ -90,11 +101,12 @@ def test_mlflow_has_one_run_per_stage_job_with_the_pipeline_tag(pipeline):
     assert all(r.info.status == "FINISHED" for r in runs)
     ript_run = next(r for r in runs if r.data.tags["stage"] == "ript")
     history = client.get_metric_history(ript_run.info.run_id, "train_success")
-    assert [m.step for m in history] == [1, 2]  # one point per RIPT iteration
+    # one point per RIPT iteration
+    assert [m.step for m in history] == list(range(1, pipeline["cfg"]["ript"]["iterations"] + 1))
 
 
 def test_second_run_does_nothing(pipeline):
-    proc = pipeline["snake"](pipeline["cfg"])
+    proc = pipeline["snake"]()
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
@@ -131,7 +143,7 @@ def test_edit_to_ript_code_invalidates_ript(pipeline):
     original = ppo.read_text()
     try:
         ppo.write_text(original + "\n# an edit to the RIPT algorithm\n")
-        jobs = planned(pipeline["snake"](pipeline["cfg"], "-n"))
+        jobs = planned(pipeline["snake"](None, "-n"))
         assert jobs.get("ript") == 1 and "prior" not in jobs and "autoencoder" not in jobs
     finally:
         ppo.write_text(original)
@@ -140,9 +152,8 @@ def test_edit_to_ript_code_invalidates_ript(pipeline):
 def test_list_changes_names_the_changed_params(pipeline):
     cfg = copy.deepcopy(pipeline["cfg"])
     cfg["ript"]["lr"] = 5e-5
-    (pipeline["work"] / "changed.yaml").write_text(yaml.safe_dump(cfg))
-    changed = pipeline["snake"](pipeline["work"] / "changed.yaml", "--list-changes", "params")
-    same = pipeline["snake"](pipeline["cfg"], "--list-changes", "params")
+    changed = pipeline["snake"](cfg, "--list-changes", "params")
+    same = pipeline["snake"](None, "--list-changes", "params")
     # (Snakemake 9 also lists the secondary outputs of multi-output rules every time, so only
     # each rule's first output is a reliable signal.)
     assert "results/tests/ript/model.pt" in changed.stdout.split()
@@ -163,7 +174,128 @@ def test_lint_and_format_are_clean():
 
 def test_snakemake_report_builds_with_captions(pipeline):
     out = pipeline["work"] / "snakemake_report.html"
-    pipeline["snake"](pipeline["cfg"], "--report", str(out))
+    pipeline["snake"](None, "--report", str(out))
     text = out.read_text(errors="ignore")
     assert out.stat().st_size > 10_000
     assert "Wilson" in text  # a caption from workflow/report/
+
+
+# --- Real re-runs (issue #12): each executes the re-run and compares its outputs. They run in
+# this order, after the dry-run tests above, on the same copy. -------------------------------
+
+
+def _res(pipeline) -> Path:
+    return pipeline["repo"] / "results" / "tests"
+
+
+def _models(pipeline) -> dict[str, str]:
+    """sha256 of every model file of the experiment."""
+    return {str(p.relative_to(_res(pipeline))): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(_res(pipeline).glob("*/model.pt"))}
+
+
+def _ran(proc) -> dict[str, int]:
+    """Jobs per rule that a real run executed (its 'Job stats' table)."""
+    return planned(proc)
+
+
+def _ript_log(pipeline) -> str:
+    return (pipeline["repo"] / "logs" / "tests" / "ript.log").read_text()
+
+
+def test_toy_ript_keeps_groups_and_steps_in_every_iteration(pipeline):
+    rows = read_jsonl(_res(pipeline) / "ript" / "metrics.jsonl")
+    iterations = [r for r in rows if r["step"] >= 1]
+    assert [r["step"] for r in iterations] == list(range(1, pipeline["cfg"]["ript"]["iterations"]
+                                                         + 1))
+    for r in iterations:
+        assert r["groups_kept"] >= 1, r
+        assert r["n_minibatches"] - r["n_steps_skipped"] >= 1, r  # PPO took optimizer steps
+        assert r["initial_ratio_dev"] < 1e-4, r
+    sft = ckpt.load(_res(pipeline) / "prior" / "model.pt")["state_dict"]
+    rl = ckpt.load(_res(pipeline) / "ript" / "model.pt")["state_dict"]
+    assert any(not torch.equal(sft[k], rl[k]) for k in sft), "RIPT did not move the prior"
+    pipeline["reference"] = _models(pipeline)
+
+
+def _kill_ript_mid_run(pipeline) -> int:
+    """The RIPT job killed in a run that has not reached it before: with RIPT's outputs and
+    everything after them gone, `snakemake --configfile config/tests.yaml`, then kill -9 of the
+    RIPT job (stage and env workers) once it has checkpointed an iteration; returns that
+    iteration. (Snakemake would not re-run a killed `--forcerun` job whose downstream outputs
+    still exist: missing intermediate outputs do not trigger jobs.)"""
+    repo = pipeline["repo"]
+    for d in ("ript", "eval/ript", "report"):
+        shutil.rmtree(_res(pipeline) / d)
+    latest = _res(pipeline) / "ript" / "ckpt" / "latest.pt"
+    proc = subprocess.Popen([str(BIN / "snakemake"), "--configfile", "config/tests.yaml"],
+                            cwd=repo, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(repo)})
+    iteration, deadline = 0, time.time() + 300
+    try:
+        while iteration < 1 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+            if latest.exists():
+                iteration = ckpt.load(latest)["iteration"]
+        pids = subprocess.run(["pgrep", "-f", "ript[.]rl[.]ript --init"], capture_output=True,
+                              text=True).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        assert proc.wait(timeout=120) != 0, "the RIPT job finished before it could be killed"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert 1 <= iteration < pipeline["cfg"]["ript"]["iterations"] and pids
+    assert latest.exists() and not (_res(pipeline) / "ript" / "model.pt").exists()
+    return iteration
+
+
+def test_kill_9_mid_ript_then_rerun_resumes_bit_identical(pipeline):
+    killed_at = _kill_ript_mid_run(pipeline)
+    proc = pipeline["snake"]()
+    assert _ran(proc)["ript"] == 1 and "prior" not in _ran(proc)
+    log = _ript_log(pipeline)
+    assert f"resuming after iteration {killed_at} of" in log
+    assert _models(pipeline) == pipeline["reference"]  # bit-identical final model
+    assert not (_res(pipeline) / "ript" / "ckpt" / "latest.pt").exists()
+
+
+def test_code_edit_under_rl_starts_ript_afresh_despite_a_checkpoint(pipeline):
+    _kill_ript_mid_run(pipeline)  # leaves a checkpoint of the unedited code
+    ppo = pipeline["repo"] / "ript" / "rl" / "ppo.py"
+    ppo.write_text(ppo.read_text() + "\n# an edit to the RIPT algorithm\n")  # kept: copy only
+    proc = pipeline["snake"]()
+    assert _ran(proc)["ript"] == 1
+    log = _ript_log(pipeline)
+    assert "differs in: code" in log and "resuming" not in log
+    assert "ript iteration 1:" in log
+    # a fresh run of the same maths with the same seed: the reference model again
+    assert _models(pipeline) == pipeline["reference"]
+
+
+def test_edit_to_evaluation_code_reruns_only_evaluations_and_report(pipeline):
+    before = {p: p.stat().st_mtime_ns for p in _res(pipeline).glob("*/model.pt")}
+    ev = pipeline["repo"] / "ript" / "evaluate.py"
+    ev.write_text(ev.read_text() + "\n# an edit to evaluation only\n")
+    proc = pipeline["snake"]()
+    n = len(pipeline["cfg"]["data"]["tasks"])
+    assert _ran(proc) == {"evaluate": 2 * n, "aggregate": 2, "report": 1}
+    assert _models(pipeline) == pipeline["reference"]
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
+def test_prior_change_reruns_ript_from_iteration_1_on_the_new_prior(pipeline):
+    overlay = pipeline["repo"] / "lr.yaml"
+    overlay.write_text("prior:\n  train:\n    lr: 5.0e-4\n")
+    proc = snakemake_in(pipeline["repo"], "--configfile", "config/tests.yaml", "lr.yaml")
+    assert {"prior", "ript"} <= set(_ran(proc)) and "autoencoder" not in _ran(proc)
+    log = _ript_log(pipeline)
+    assert "resuming" not in log
+    for it in range(1, pipeline["cfg"]["ript"]["iterations"] + 1):
+        assert f"ript iteration {it}:" in log
+    models = _models(pipeline)
+    assert models["autoencoder/model.pt"] == pipeline["reference"]["autoencoder/model.pt"]
+    assert models["prior/model.pt"] != pipeline["reference"]["prior/model.pt"]
+    assert models["ript/model.pt"] != pipeline["reference"]["ript/model.pt"]
