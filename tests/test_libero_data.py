@@ -139,31 +139,180 @@ def test_file_of_another_task_is_refused(raw_copy, tmp_path):
         prepare(cfg(raw), other, tmp_path / "out.hdf5")
 
 
-def test_download_from_file_url(libero_raw_dir, tmp_path):
-    from ript.data.libero_data import fetch
+# --- download (huggingface_hub against a fake Hub on 127.0.0.1; tests never use the network) ---
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+REPO_ID = "yifengzhu-hf/LIBERO-datasets"
+
+
+class FakeHub:
+    """The two Hub calls `hf_hub_download` makes for a dataset file, served on 127.0.0.1:
+    HEAD and GET `/datasets/<repo>/resolve/<revision>/<path>`, answered like the Hub answers for
+    an LFS file (X-Repo-Commit, X-Linked-Etag = the content's SHA-256, X-Linked-Size), with
+    HTTP Range support. `mode` damages the GET answers: "cut_once" closes the connection
+    mid-body once, "short" ends the body early, "corrupt" flips one byte."""
+
+    def __init__(self, files: dict[str, bytes]):
+        import hashlib
+        import http.server
+        import re
+        import threading
+        import urllib.parse
+
+        self.files, self.mode, self.log = files, None, []
+        self.sha = {k: hashlib.sha256(v).hexdigest() for k, v in files.items()}
+        hub = self
+        route = re.compile(r"/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)")
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            timeout = 20  # a stuck client cannot hold a server thread forever
+
+            def log_message(self, *args):
+                pass
+
+            def do_HEAD(self):
+                self._answer(body=False)
+
+            def do_GET(self):
+                self._answer(body=True)
+
+            def _answer(self, body: bool):
+                m = route.fullmatch(urllib.parse.unquote(self.path))
+                if m is not None:  # (the log keeps file requests, not the client's other calls)
+                    hub.log.append((self.command, self.path, self.headers.get("Range")))
+                if m is None or m.group(1) != REPO_ID or m.group(3) not in hub.files:
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "EntryNotFound")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                data = hub.files[m.group(3)]
+                if body and hub.mode == "corrupt":
+                    data = data[:100] + bytes([data[100] ^ 1]) + data[101:]
+                if body and hub.mode == "short":
+                    data = data[: len(data) // 2]
+                start = 0
+                rng = self.headers.get("Range")
+                if body and rng:
+                    start = int(rng.removeprefix("bytes=").split("-")[0])
+                self.send_response(206 if start else 200)
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                sha = hub.sha[m.group(3)]
+                self.send_header("X-Repo-Commit", COMMIT)
+                self.send_header("ETag", f'"{sha}"')
+                self.send_header("X-Linked-Etag", f'"{sha}"')
+                self.send_header("X-Linked-Size", str(len(hub.files[m.group(3)])))
+                self.send_header("Accept-Ranges", "bytes")
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                if not body:
+                    return
+                if hub.mode == "cut_once":
+                    hub.mode = None
+                    self.wfile.write(data[start:start + (len(data) - start) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True  # the body ends early: a dropped connection
+                    return
+                self.wfile.write(data[start:])
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
+                                       daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def hub(libero_raw_dir, monkeypatch):
+    """A fake Hub holding the recorded file at LIBERO's repo path; HF_ENDPOINT points at it."""
+    name = f"{LIBERO_SUITE}/{libero_task_name()}_demo.hdf5"
+    fake = FakeHub({name: (libero_raw_dir / name).read_bytes()})
+    monkeypatch.setenv("HF_ENDPOINT", fake.endpoint)
+    yield fake
+    fake.close()
+
+
+def leftovers(raw):
+    """Files under raw_dir other than huggingface_hub's own small bookkeeping (.cache/)."""
+    return sorted(str(p.relative_to(raw)) for p in raw.rglob("*")
+                  if p.is_file() and ".cache" not in p.parts)
+
+
+def test_download_lands_verified_at_raw_path(hub, libero_raw_dir, tmp_path):
+    from ript.data.libero_data import fetch, prepare
 
     task = libero_task_name()
-    c = cfg(tmp_path / "empty", download=True, download_url=libero_raw_dir.as_uri())
-    got = fetch(c, task)
-    assert got == tmp_path / "empty" / LIBERO_SUITE / f"{task}_demo.hdf5"
-    src = libero_raw_dir / LIBERO_SUITE / f"{task}_demo.hdf5"
-    assert got.read_bytes() == src.read_bytes()
-    assert list(got.parent.glob("*.part")) == []
+    raw = tmp_path / "raw"
+    got = fetch(cfg(raw, download=True), task)
+    assert got == raw / LIBERO_SUITE / f"{task}_demo.hdf5"
+    assert got.read_bytes() == (libero_raw_dir / LIBERO_SUITE / got.name).read_bytes()
+    assert leftovers(raw) == [f"{LIBERO_SUITE}/{got.name}"]  # nothing left in .download/
+    gets = [p for m, p, _ in hub.log if m == "GET"]
+    assert gets == [f"/datasets/{REPO_ID}/resolve/{COMMIT}/{LIBERO_SUITE}/{got.name}"]
+    assert [p for m, p, _ in hub.log if m == "HEAD"][0].endswith(f"/resolve/main/{LIBERO_SUITE}/"
+                                                                  f"{got.name}")
+    n = len(hub.log)
+    stats = prepare(cfg(raw, download=True, demos_per_task=1), task, tmp_path / "out.hdf5")
+    assert stats["n_demos"] == 1 and len(hub.log) == n  # a present file is not fetched again
 
 
-def test_download_failure_explains_layout(tmp_path):
+def test_download_resumes_a_cut_transfer(hub, libero_raw_dir, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from ript.data.libero_data import fetch
+
+    # The recorded file is ~3.6 MB, under one 10 MiB read of huggingface_hub: smaller reads
+    # make the bytes before the cut reach the disk, as they do for LIBERO's 100 MB+ files.
+    monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", 1 << 16)
+    hub.mode = "cut_once"
+    raw = tmp_path / "raw"
+    got = fetch(cfg(raw, download=True), libero_task_name())
+    src = (libero_raw_dir / LIBERO_SUITE / got.name).read_bytes()
+    assert got.read_bytes() == src
+    ranges = [r for m, _, r in hub.log if m == "GET"]
+    assert len(ranges) == 2 and ranges[0] is None  # one cut, then one resumed request
+    assert ranges[1].startswith("bytes=") and int(ranges[1][6:].rstrip("-")) > 0
+    assert leftovers(raw) == [f"{LIBERO_SUITE}/{got.name}"]
+
+
+@pytest.mark.parametrize("mode, match", [("corrupt", "SHA-256"), ("short", "Consistency check")])
+def test_bad_download_is_refused(hub, tmp_path, mode, match):
     from ript.data.hdf5 import DataError
     from ript.data.libero_data import fetch
 
+    hub.mode = mode
+    raw = tmp_path / "raw"
+    with pytest.raises(DataError, match=match) as e:
+        fetch(cfg(raw, download=True), libero_task_name())
+    assert REPO_ID in str(e.value)
+    assert leftovers(raw) == []  # nothing at the final path, nothing half-written anywhere
+
+
+def test_download_without_network_explains_layout(tmp_path, monkeypatch):
+    import socket
+
+    from ript.data.hdf5 import DataError
+    from ript.data.libero_data import fetch
+
+    with socket.socket() as s:  # a port nothing listens on: connection refused, at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     task = libero_task_name()
-    c = cfg(tmp_path / "raw", download=True, download_url="http://127.0.0.1:9/x")
     with pytest.raises(DataError) as e:
-        fetch(c, task)
+        fetch(cfg(tmp_path / "raw", download=True), task)
     msg = str(e.value)
-    assert "http://127.0.0.1:9/x/libero_goal/" in msg
+    assert f"{LIBERO_SUITE}/{task}_demo.hdf5 from the Hugging Face dataset {REPO_ID}" in msg
+    assert "ConnectError" in msg and f"127.0.0.1:{port}" in msg
     assert "<raw_dir>/<suite>/<task>_demo.hdf5" in msg
     assert "download_libero_datasets.py" in msg and "data.raw_dir" in msg
-    assert list((tmp_path / "raw").rglob("*.part")) == []
+    assert not (tmp_path / "raw").exists() or leftovers(tmp_path / "raw") == []
     with pytest.raises(DataError, match="data.download is false"):  # no download: same hint
         fetch(cfg(tmp_path / "raw"), task)
 
@@ -172,7 +321,9 @@ def test_config_refuses_bad_values():
     from ript.config import ConfigError
 
     for bad in ({"typo": 1}, {"benchmark": "metaworld"}, {"suite": "libero_100"},
-                {"tasks": ["no_such_task"]}, {"tasks": "some"}, {"demos_per_task": 0}):
+                {"tasks": ["no_such_task"]}, {"tasks": "some"}, {"demos_per_task": 0},
+                {"download_url": "https://x"}, {"download_repo": "no-owner"},
+                {"download_revision": ""}):
         with pytest.raises(ConfigError):
             cfg("raw", **bad)
     assert len(cfg("raw").task_names()) == 10

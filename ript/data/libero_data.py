@@ -1,10 +1,11 @@
 """Stage 'data' for LIBERO: fetch, verify and subset the official demonstration files.
 
 LIBERO's demos are published as one HDF5 file per task (spec §2.1), 50 demos each. This stage
-gets the file (local copy, else a download from LIBERO's Hugging Face dataset repo), checks it
-(truncated files exist, LIBERO issue #76; a file of another task must be refused), picks the
-few-shot subset of spec §2.2 and writes it in our layout (ript/data/hdf5.py), each demo carrying
-its first MuJoCo state as the RIPT context (spec §5.2).
+gets the file (local copy, else a download from LIBERO's Hugging Face dataset repo with
+`huggingface_hub`, checked against the hub's SHA-256), checks it (truncated files exist, LIBERO
+issue #76; a file of another task must be refused), picks the few-shot subset of spec §2.2 and
+writes it in our layout (ript/data/hdf5.py), each demo carrying its first MuJoCo state as the
+RIPT context (spec §5.2).
 
     python -m ript.data.libero_data --task NAME --config '{"suite": "libero_goal"}' \\
         --out results/x/data/NAME.hdf5 --experiment-dir results/x
@@ -13,22 +14,25 @@ its first MuJoCo state as the RIPT context (spec §5.2).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import re
 import time
-import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
+from tqdm.auto import tqdm
 
 from ript.config import ConfigError, from_dict, require, to_dict
 from ript.data.hdf5 import FORMAT_VERSION, DataError, demo_keys
-from ript.utils import atomic_path, progress
+from ript.utils import atomic_path, progress_enabled
 
-DEFAULT_URL = "https://huggingface.co/datasets/yifengzhu-hf/LIBERO-datasets/resolve/main"
+DEFAULT_REPO = "yifengzhu-hf/LIBERO-datasets"  # what LIBERO's download script fetches
+STAGING = ".download"  # <raw_dir>/.download/: files wait there until their checksum matches
 MAX_DEMO_STEPS = 600  # RIPT's context window (spec §2.2): a longer demo adds mid-demo contexts
 IMAGE_SIZE = 128
 # Keys every demo must have, with their per-step shapes (spec §2.1); None = any (states: the
@@ -37,7 +41,7 @@ REQUIRED = {"actions": (7,), "states": None, "obs/agentview_rgb": (IMAGE_SIZE, I
             "obs/eye_in_hand_rgb": (IMAGE_SIZE, IMAGE_SIZE, 3), "obs/joint_states": (7,),
             "obs/gripper_states": (2,), "obs/ee_pos": (3,)}
 COPIED = ("obs", "actions", "states", "rewards", "dones", "robot_states")
-CHUNK = 1 << 20
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass
@@ -55,9 +59,12 @@ class LiberoDataConfig:
     """Folder with the official files, `<raw_dir>/<suite>/<task>_demo.hdf5` (relative to the
     working directory)."""
     download: bool = True
-    """Download a missing official file from `download_url`; if false, a missing file fails."""
-    download_url: str = DEFAULT_URL
-    """Base URL of the official files (`<url>/<suite>/<task>_demo.hdf5`); https:// or file://."""
+    """Download a missing official file from the Hugging Face dataset `download_repo`; if false,
+    a missing file fails. The endpoint is huggingface_hub's (`HF_ENDPOINT` for a mirror)."""
+    download_repo: str = DEFAULT_REPO
+    """Hugging Face dataset repo of the official files (`<suite>/<task>_demo.hdf5` in it)."""
+    download_revision: str = "main"
+    """Branch, tag or commit of `download_repo` to download from (a commit pins the data)."""
 
     def validate(self) -> None:
         from ript.envs.libero import SUITES, task_index
@@ -74,7 +81,9 @@ class LiberoDataConfig:
                 except ValueError as e:
                     raise ConfigError(f"data.tasks: {e}") from None
         require(self.demos_per_task >= 1, "data.demos_per_task", "must be >= 1")
-        require(bool(self.download_url), "data.download_url", "must not be empty")
+        require(self.download_repo.count("/") == 1 and all(self.download_repo.split("/")),
+                "data.download_repo", "must be a Hugging Face repo id, 'owner/name'")
+        require(bool(self.download_revision), "data.download_revision", "must not be empty")
 
     def task_names(self) -> list[str]:
         from ript.envs.libero import suite_tasks
@@ -95,39 +104,81 @@ def _how_to_get(cfg: LiberoDataConfig, task: str) -> str:
 
 
 def fetch(cfg: LiberoDataConfig, task: str) -> Path:
-    """The official file of `task`: the local copy, else (if `cfg.download`) a download."""
+    """The official file of `task`: the local copy, else (if `cfg.download`) a download.
+
+    The downloaded file is moved to `<raw_dir>/<suite>/<task>_demo.hdf5` only once complete and
+    its SHA-256 matches the hub's, so that path never holds a partial or corrupt download.
+    """
     path = raw_path(cfg.raw_dir, cfg.suite, task)
     if path.exists():
         return path
     if not cfg.download:
         raise DataError(f"{path}: official LIBERO file not found and data.download is false. "
                         + _how_to_get(cfg, task))
-    url = f"{cfg.download_url.rstrip('/')}/{cfg.suite}/{task}_demo.hdf5"
-    part = path.with_name(path.name + ".part")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    filename = f"{cfg.suite}/{path.name}"  # the repo path, the same as ours under raw_dir
+    endpoint = os.environ.get("HF_ENDPOINT") or None  # read now, not at huggingface_hub import
     try:
-        _download(url, part)
-        os.replace(part, path)  # the final name appears only once the file is complete
+        _download(cfg, filename, path, endpoint)
+    except DataError:
+        raise
     except Exception as e:
-        raise DataError(f"download of {url} failed ({type(e).__name__}: {e}). "
-                        + _how_to_get(cfg, task)) from None
-    finally:
-        part.unlink(missing_ok=True)
+        c = e.__cause__  # huggingface_hub's "cannot find the file" errors wrap the real reason
+        cause = f"; {type(c).__name__}: {c}" if c is not None and str(c) != str(e) else ""
+        where = f" at {endpoint}" if endpoint else ""
+        raise DataError(f"download of {filename} from the Hugging Face dataset "
+                        f"{cfg.download_repo}{where} (revision {cfg.download_revision}) failed "
+                        f"({type(e).__name__}: {e}{cause}). " + _how_to_get(cfg, task)) from None
     return path
 
 
-def _download(url: str, dest: Path) -> None:
-    with urllib.request.urlopen(url, timeout=60) as r, open(dest, "wb") as f:
-        size = r.headers.get("Content-Length")
-        total = int(size) if size else None
-        done = 0
-        with progress(total=total, unit="B", unit_scale=True, desc=dest.name[:40]) as bar:
-            while chunk := r.read(CHUNK):
-                f.write(chunk)
-                done += len(chunk)
-                bar.update(len(chunk))
-    if total is not None and done != total:  # a cut connection must not pass as a file
-        raise OSError(f"got {done} of {total} bytes")
+def _download(cfg: LiberoDataConfig, filename: str, dest: Path, endpoint: str | None) -> None:
+    """Download repo file `filename` to `dest`, checked against the hub's SHA-256.
+
+    `hf_hub_download` retries, resumes a cut transfer (HTTP Range) and checks the size; it
+    writes to a temporary file and moves it into its `local_dir` only when complete. Its
+    `local_dir` is a staging folder beside the final path, so that a file whose checksum does
+    not match never appears at `dest`.
+    """
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+
+    url = hf_hub_url(cfg.download_repo, filename, repo_type="dataset",
+                     revision=cfg.download_revision, endpoint=endpoint)
+    meta = get_hf_file_metadata(url, endpoint=endpoint)  # the commit and the file's etag
+    if meta.commit_hash is None:
+        raise DataError(f"{url} did not answer like a Hugging Face Hub (no X-Repo-Commit "
+                        f"header); check HF_ENDPOINT and proxy settings")
+    staged = Path(hf_hub_download(
+        cfg.download_repo, filename, repo_type="dataset", endpoint=endpoint,
+        revision=meta.commit_hash,  # the commit whose etag we hold, even if the branch moves
+        local_dir=Path(cfg.raw_dir) / STAGING, tqdm_class=_Bar))
+    etag = (meta.etag or "").lower()
+    if SHA256.fullmatch(etag):  # LFS files (all LIBERO's): the etag is the content's SHA-256
+        digest = _sha256(staged)
+        if digest != etag:
+            staged.unlink(missing_ok=True)
+            raise DataError(f"download of {filename} from {cfg.download_repo}: SHA-256 "
+                            f"{digest} of the received file differs from the hub's {etag} "
+                            f"(corrupted in transfer or on disk); the file was deleted, run "
+                            f"again to download it afresh")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staged, dest)  # same file system: the final name appears only when verified
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class _Bar(tqdm):
+    """huggingface_hub's byte bar, shown only where ours are (ript.utils.progress)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.pop("name", None)  # huggingface_hub's own tqdm class takes a group name
+        kwargs["disable"] = not progress_enabled()
+        super().__init__(*args, **kwargs)
 
 
 def _norm(text: str) -> str:
