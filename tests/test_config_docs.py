@@ -17,7 +17,7 @@ from ript.experiment import DEFAULT_BENCHMARK, TOP_LEVEL, PretrainConfig, blocks
 from ript.train.loop import OptimConfig
 
 # Rows whose default is prose, not a value (checked by hand when written).
-DESCRIBED = {("data_libero", "download_url"): "LIBERO's Hugging Face dataset"}
+DESCRIBED: dict[tuple[str, str], str] = {}
 REQUIRED = "—"  # a key without a default
 
 
