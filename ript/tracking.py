@@ -48,16 +48,43 @@ def use_tracking_uri(uri: str) -> None:
         os.environ["MLFLOW_TRACKING_URI"] = before
 
 
-def init_store(experiment_dir: str | Path, experiment: str) -> dict[str, str]:
-    """Create the store and the experiment once, before parallel jobs race to do it."""
+def artifact_location(experiment_dir: str | Path) -> str | None:
+    """Where the default store's experiment keeps its artifacts: `mlartifacts/` beside
+    `mlflow.db`, so one folder is the whole experiment. Left to MLflow, a SQLite store's
+    artifacts go to `./mlruns` in whatever directory a job runs in. None (the store decides)
+    for a user's `MLFLOW_TRACKING_URI`: a server has its own artifact root."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return None
+    return (Path(experiment_dir) / "mlartifacts").resolve().as_uri()
+
+
+def ensure_experiment(experiment_dir: str | Path, experiment: str) -> str:
+    """The experiment's id, created (with its artifact location) if missing, in the store
+    `use_tracking_uri` chose. An experiment created before artifacts moved beside the store
+    keeps the location it was created with (MLflow cannot change it)."""
     import mlflow
 
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is not None:
+        return str(exp.experiment_id)
+    try:
+        return str(mlflow.create_experiment(
+            experiment, artifact_location=artifact_location(experiment_dir)))
+    except Exception:
+        # another job created it first (a stage run outside the pipeline's init rule)
+        exp = mlflow.get_experiment_by_name(experiment)
+        if exp is None:
+            raise
+        return str(exp.experiment_id)
+
+
+def init_store(experiment_dir: str | Path, experiment: str) -> dict[str, str]:
+    """Create the store and the experiment once, before parallel jobs race to do it."""
     uri = tracking_uri(experiment_dir)
     Path(experiment_dir).mkdir(parents=True, exist_ok=True)
     use_tracking_uri(uri)
-    exp = mlflow.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else mlflow.create_experiment(experiment)
-    return {"tracking_uri": uri, "experiment": experiment, "experiment_id": str(exp_id)}
+    return {"tracking_uri": uri, "experiment": experiment,
+            "experiment_id": ensure_experiment(experiment_dir, experiment)}
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -131,7 +158,10 @@ class StageTracker:
         if self.run_id:
             mlflow.start_run(run_id=self.run_id)
         else:
-            mlflow.set_experiment(self.experiment)
+            # created here when no init rule ran (a stage called by hand): the same artifact
+            # location as init_store gives it
+            mlflow.set_experiment(experiment_id=ensure_experiment(self.experiment_dir,
+                                                                  self.experiment))
             run = mlflow.start_run(run_name=f"{self.stage}-{self.tags['task']}")
             self.run_id = run.info.run_id
             params = {k: str(v)[:6000] for k, v in flatten(self.params).items()}
@@ -183,12 +213,18 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def main(argv=None) -> None:
-    from ript.stage import add_common_args
     from ript.utils import write_json
 
+    # Its own two flags (with the stage CLIs' environment defaults) rather than ript.stage's,
+    # which imports this module: the layers read top-down.
+    env = os.environ.get
     p = argparse.ArgumentParser(description="Create the MLflow store and experiment once.")
     p.add_argument("command", choices=["init"])
-    add_common_args(p, config=False)
+    p.add_argument("--experiment-dir", default=env("RIPT_EXPERIMENT_DIR"),
+                   required=not env("RIPT_EXPERIMENT_DIR"),
+                   help="results folder of the experiment [$RIPT_EXPERIMENT_DIR]")
+    p.add_argument("--experiment", default=env("RIPT_EXPERIMENT", "default"),
+                   help="MLflow experiment name [$RIPT_EXPERIMENT]")
     p.add_argument("--out", required=True, help="JSON file recording the store and experiment")
     a = p.parse_args(argv)
     try:

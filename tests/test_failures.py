@@ -90,3 +90,41 @@ def test_pipeline_completes_with_mlflow_down(tmp_path):
             assert row["success_rate"] == summary["success_rate"]
     assert (res / "report" / "index.html").exists()
     assert not (res / "mlflow.db").exists()  # nothing fell back to a local store
+
+
+@pytest.mark.parametrize("via_init", [True, False], ids=["init-rule", "stage-alone"])
+def test_artifacts_live_in_the_experiment_folder(tmp_path, monkeypatch, via_init):
+    """One folder is the whole experiment: with the default SQLite store, a logged artifact
+    lands beside mlflow.db, and no ./mlruns appears where the job ran; the same when a stage
+    run by hand creates the experiment itself (no init rule)."""
+    from ript.tracking import StageTracker, init_store
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    exp_dir = tmp_path / "results" / "exp"
+    if via_init:
+        init_store(exp_dir, "exp")
+    (tmp_path / "summary.json").write_text("{}")
+    with StageTracker(experiment_dir=exp_dir, experiment="exp", stage="eval-sft",
+                      pipeline_id="p", metrics_path=tmp_path / "m.jsonl", params={}) as t:
+        t.log_artifact(tmp_path / "summary.json")
+    client, (run,) = mlflow_runs(exp_dir / "mlflow.db", "exp")
+    (artifact,) = (exp_dir / "mlartifacts").rglob("summary.json")
+    assert artifact.parent == exp_dir / "mlartifacts" / run.info.run_id / "artifacts"
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["summary.json"]
+    assert not (tmp_path / "mlruns").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results", "summary.json"]
+
+
+def test_a_users_store_keeps_its_own_artifact_root(tmp_path, monkeypatch):
+    """MLFLOW_TRACKING_URI (a server, here a SQLite file standing in for one): the experiment
+    is created without our location, so the store's own artifact root applies."""
+    from ript.tracking import artifact_location, init_store
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'server.db'}")
+    assert artifact_location(tmp_path / "results" / "exp") is None
+    info = init_store(tmp_path / "results" / "exp", "exp")
+    client, _ = mlflow_runs(tmp_path / "server.db", "exp")
+    location = client.get_experiment(info["experiment_id"]).artifact_location
+    assert "mlartifacts" not in location and "results" not in location
