@@ -11,33 +11,21 @@ Writes `index.html` (self-contained apart from the PNGs beside it; images scale 
 from __future__ import annotations
 
 import argparse
+import base64
 import csv
 import html
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import yaml
 
-from ript.config import from_dict, require
+from ript.config import from_dict
 from ript.results import read_table
 from ript.stage import load_block
 from ript.tracking import read_jsonl
 from ript.utils import atomic_path, write_json
-
-
-@dataclass
-class ReportConfig:
-    """Block `report`."""
-
-    title: str = "RIPT on QueST"
-    """Heading of the report page."""
-    dpi: int = 110
-    """Resolution of the figures."""
-
-    def validate(self) -> None:
-        require(30 <= self.dpi <= 600, "report.dpi", "must be in [30, 600]")
+from ript.settings import ReportConfig
 
 
 def _plt():
@@ -255,7 +243,11 @@ def _write_pages(cfg, out_dir, sft, ript, ps, pr, summary, times, full_config) -
                           for label, value in totals)
 
     def figure(src: str, alt: str) -> str:
-        return f'<p><a href="{src}"><img src="{src}" alt="{alt}"></a></p>'
+        # Embedded: the page is one self-contained file, also inside `snakemake --report`'s
+        # zip, which puts every output in a folder of its own (a relative src would break).
+        data = base64.b64encode((out_dir / src).read_bytes()).decode()
+        return (f'<p><a href="{src}"><img src="data:image/png;base64,{data}" '
+                f'alt="{alt}"></a></p>')
 
     page = f"""<!doctype html><html><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">

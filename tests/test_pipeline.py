@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.metadata
 import hashlib
 import os
 import re
@@ -14,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -85,8 +87,9 @@ def test_report_holds_table_and_figures(pipeline):
     for t in pipeline["cfg"]["data"]["tasks"]:
         assert t in page
     assert "SFT [95 % CI]" in page and "RIPT [95 % CI]" in page and "mean" in page
+    assert page.count('src="data:image/png;base64,') == 3  # embedded: one self-contained page
     for fig in ("success.png", "ript_curves.png", "sft_losses.png"):
-        assert f'src="{fig}"' in page
+        assert f'href="{fig}"' in page
         assert (pipeline["work"] / "results" / "tests" / "report" / fig).stat().st_size > 5000
     assert "Wall time" in page and "ript" in page
 
@@ -173,11 +176,20 @@ def test_lint_and_format_are_clean():
 
 
 def test_snakemake_report_builds_with_captions(pipeline):
-    out = pipeline["work"] / "snakemake_report.html"
+    """`snakemake --report report.zip` (README), with the captions of workflow/report/."""
+    out = pipeline["work"] / "report.zip"
     pipeline["snake"](None, "--report", str(out))
-    text = out.read_text(errors="ignore")
-    assert out.stat().st_size > 10_000
+    with zipfile.ZipFile(out) as z:
+        names = z.namelist()
+        text = z.read("report/report.html").decode(errors="ignore")
+        page = z.read(next(n for n in names if n.endswith("/index.html"))).decode()
+    assert {n.rsplit("/", 1)[-1] for n in names} >= {"report.html", "index.html", "success.png",
+                                                     "ript_curves.png", "sft_losses.png"}
     assert "Wilson" in text  # a caption from workflow/report/
+    assert page.count('src="data:image/png;base64,') == 3  # the page's images travel with it
+    # a fresh install can build it: snakemake's `reports` extra (pygments) is a dependency
+    assert any(r.replace(" ", "").startswith("snakemake[reports]")
+               for r in importlib.metadata.requires("ript"))
 
 
 # --- Real re-runs (issue #12): each executes the re-run and compares its outputs. They run in
