@@ -78,7 +78,7 @@ def raw_rate(factory, task, workers, n_envs, steps_per_env) -> tuple[float, floa
 
 
 def runner_rate(runner, task, n_envs, reps) -> list[tuple[float, float]]:
-    from ript.envs.runner import RandomPolicy
+    from ript.policy import RandomPolicy
 
     policy = RandomPolicy(factory_action_dim(runner.factory))
     runner.run(policy, _contexts(task, n_envs), seed=0)  # warm-up: start workers, build envs
@@ -117,7 +117,7 @@ def main(argv=None) -> None:
     p.add_argument("--no-libero", action="store_true")
     a = p.parse_args(argv)
     from ript.envs.metaworld import ObsSpec
-    from ript.envs.worker import MetaWorldFactory
+    from ript.envs.metaworld import MetaWorldFactory
 
     q = a.quick
     state_steps, image_steps, libero_steps = (300, 40, 10) if q else (500, 150, 40)

@@ -25,117 +25,33 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
-from ript.config import from_dict, require, to_dict
-from ript.envs.runner import (EpisodeContext, EpisodeRecord, MetaWorldRunner, RandomPolicy,
-                              ScriptedExpertPolicy)
+from ript.config import from_dict, to_dict
+from ript.envs.benchmark import of_data
+from ript.envs.runner import EpisodeRecord
+from ript.policy import load_policy
 from ript.results import aggregate, save_videos, summarize, write_episodes
 from ript.utils import derived_seed, seed_everything, write_json
-
-# The data stage's default; used when a checkpoint carries no data settings (scripted policies).
-DEFAULT_EVAL_VARIANTS = 25
+from ript.settings import EvalConfig
 
 
-@dataclass
-class EvalConfig:
-    episodes_per_task: int = 25
-    """Evaluation episodes per task (QueST MetaWorld: 50; RIPT LIBERO code: 48, paper: 50)."""
-    n_envs: int = 5
-    """Episodes run concurrently (the policy's batch)."""
-    n_workers: int = 2
-    """Simulator worker processes (0 = step in the main process); results do not depend on it."""
-    max_episode_steps: int = 500
-    """Step limit per episode (MetaWorld: 500; LIBERO: 600 in QueST/RIPT)."""
-    videos: int = 0
-    """Save the first n episodes as videos (needs image observations)."""
-    step_timeout_s: float = 60.0
-    """Longest wait for a simulator worker before it is killed and its episodes failed."""
-    legacy_reset: bool = False
-    """LIBERO only: the original's stale-first-observation reset (spec §8 B4), for parity."""
-    max_error_fraction: float = 0.0
-    """Largest fraction of episodes that may end in an infrastructure error (dead or hung
-    worker, simulator exception) before the job fails; errored episodes are left out of the
-    success rate, so a tolerated error changes the sample size, never the score."""
 
-    def validate(self) -> None:
-        require(self.episodes_per_task >= 1, "evaluation.episodes_per_task", "must be >= 1")
-        require(self.n_envs >= 1, "evaluation.n_envs", "must be >= 1")
-        require(self.n_workers >= 0, "evaluation.n_workers", "must be >= 0")
-        require(self.max_episode_steps >= 1, "evaluation.max_episode_steps", "must be >= 1")
-        require(self.videos >= 0, "evaluation.videos", "must be >= 0")
-        require(self.step_timeout_s > 0, "evaluation.step_timeout_s", "must be > 0")
-        require(0.0 <= self.max_error_fraction <= 1.0, "evaluation.max_error_fraction",
-                "must be in [0, 1]")
-
-
-def eval_contexts(task: str, cfg: EvalConfig, seed: int,
-                  eval_variants: int = DEFAULT_EVAL_VARIANTS,
-                  suite: str | None = None) -> list[EpisodeContext]:
-    """Episode i → held-out variant (MetaWorld) or fixed init state (LIBERO `suite`) i mod
-    count, with env seed derived from (seed, task id, i). `eval_variants` comes from the
-    policy's data."""
-    if suite is None:
-        from ript.envs.metaworld import task_id, variant_split
-
-        tid, pool = task_id(task), list(variant_split(eval_variants)[1])
-    else:
-        from ript.envs.libero import task_index, task_init_states
-
-        tid = task_index(suite, task)
-        pool = list(range(len(task_init_states(suite, task))))
-    return [EpisodeContext(i, task, pool[i % len(pool)], derived_seed(seed, tid, i))
-            for i in range(cfg.episodes_per_task)]
-
-
-def load_policy(checkpoint: str):
-    """-> (policy, meta) with meta['obs_spec'] (dict) and meta['task_names'] (list)."""
-    if checkpoint.startswith("scripted:"):
-        from ript.envs.metaworld import all_tasks
-
-        kind = checkpoint.split(":", 1)[1]
-        policies = {"expert": ScriptedExpertPolicy, "random": RandomPolicy}
-        if kind not in policies:
-            raise ValueError(f"unknown scripted policy {kind!r}; valid: {sorted(policies)}")
-        return policies[kind](), {"obs_spec": {"image": False}, "task_names": all_tasks()}
-    from ript.train.checkpoint import load_policy as load
-
-    return load(checkpoint)
-
-
-def make_runner(suite: str | None, obs_spec: dict, n_envs: int, n_workers: int,
-                max_episode_steps: int, *, step_timeout_s: float = 60.0,
-                legacy_reset: bool = False, where: str = "evaluation"):
-    """The runner of the policy's benchmark (MetaWorld if `suite` is None, else that LIBERO
-    suite); shared by evaluation and RIPT. `where` names the config block in errors."""
-    if suite is None:
-        from ript.envs.metaworld import ObsSpec
-
-        require(max_episode_steps <= 500, f"{where}.max_episode_steps",
-                "MetaWorld episodes end at 500 steps")
-        return MetaWorldRunner(ObsSpec(**obs_spec), n_envs, n_workers, max_episode_steps,
-                               step_timeout_s)
-    from ript.envs.libero import LiberoRunner
-
-    return LiberoRunner(suite, n_envs, n_workers, max_episode_steps,
-                        image_size=obs_spec.get("image_size", 128),
-                        image=obs_spec.get("image", True), legacy_reset=legacy_reset,
-                        step_timeout_s=step_timeout_s)
-
-
-def evaluate(policy, task: str, cfg: EvalConfig, seed: int, obs_spec: dict,
-             task_names: list[str] | None = None,
-             eval_variants: int = DEFAULT_EVAL_VARIANTS,
-             suite: str | None = None) -> list[EpisodeRecord]:
-    """Run the evaluation episodes of one task; deterministic under `seed`."""
-    runner = make_runner(suite, obs_spec, cfg.n_envs, cfg.n_workers, cfg.max_episode_steps,
-                         step_timeout_s=cfg.step_timeout_s, legacy_reset=cfg.legacy_reset)
-    contexts = eval_contexts(task, cfg, seed, eval_variants, suite)
+def evaluate(policy, task: str, cfg: EvalConfig, seed: int,
+             meta: dict) -> list[EpisodeRecord]:
+    """Run the evaluation episodes of one task; deterministic under `seed`. `meta` is the
+    policy's: its data names the benchmark and its held-out contexts, `obs_spec` what the
+    policy observes, `task_names` the tasks it was trained for."""
+    bench = of_data(meta.get("data"))
+    runner = bench.make_runner(dict(meta["obs_spec"]), cfg.n_envs, cfg.n_workers,
+                               cfg.max_episode_steps, step_timeout_s=cfg.step_timeout_s,
+                               legacy_reset=cfg.legacy_reset)
+    contexts = bench.eval_contexts(task, cfg.episodes_per_task, seed, meta.get("data") or {})
     with runner:
-        tid = runner.factory.task_id(task)
-        return runner.run(policy, contexts, seed=derived_seed(seed, tid, 2**31), tasks=task_names,
-                          progress_desc=f"eval {task}", video_episodes=cfg.videos)
+        tid = bench.task_id(task)
+        return runner.run(policy, contexts, seed=derived_seed(seed, tid, 2**31),
+                          tasks=meta.get("task_names"), progress_desc=f"eval {task}",
+                          video_episodes=cfg.videos)
 
 
 def error_problem(summary: dict, max_error_fraction: float) -> str | None:
@@ -187,18 +103,14 @@ def _eval_main(argv) -> dict:
     device = resolve_device(args.device)
     policy, meta = load_policy(args.checkpoint)
     policy = place_policy(policy, device)
-    # The held-out variants are the ones the policy's own data held out (never a demo's).
-    data = meta.get("data") or {}
-    eval_variants = int(data.get("eval_variants") or DEFAULT_EVAL_VARIANTS)
-    suite = data.get("suite")  # LIBERO suite of the policy's data; None = MetaWorld
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     failed = {"episodes": out / "episodes.failed.csv", "summary": out / "summary.failed.json"}
     with stage_tracker(args, f"eval-{args.policy_name}", to_dict(cfg),
                        metrics=out / "metrics.jsonl", task=args.task) as tracker:
         tracker.truncate_after(-1)  # a rerun replaces the previous evaluation's metrics
-        records = evaluate(policy, args.task, cfg, args.seed, dict(meta["obs_spec"]),
-                           list(meta["task_names"]), eval_variants, suite)
+        # the held-out contexts of the policy's own data (never a demo's or RIPT's)
+        records = evaluate(policy, args.task, cfg, args.seed, meta)
         summary = summarize(args.task, records, args.policy_name)
         summary.update(seed=args.seed, checkpoint=str(args.checkpoint), device=str(device),
                        variants=sorted({r.variant for r in records}))

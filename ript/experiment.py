@@ -12,61 +12,33 @@ instead of a job failing hours later.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from ript.config import ConfigError, from_dict, require, to_dict
-
-
-@dataclass
-class PretrainConfig:
-    """Block `pretrain`: the few-shot recipe's pretraining task set (spec §4.5)."""
-
-    tasks: list[str] | str
-    """Task names, or "all" (every task of a LIBERO suite)."""
-    suite: str | None = None
-    """LIBERO suite of these tasks (LIBERO only)."""
-    demos_per_task: int = 50
-    """Demonstrations per pretraining task."""
-
-
-@dataclass
-class LanguageConfig:
-    """Block `language`: LIBERO task embeddings for the task token (spec §2.3)."""
-
-    encoder: Literal["minilm", "clip"] = "minilm"
-    """Offline all-MiniLM-L6-v2 (384-d) or the original's CLIP text tower (needs a network)."""
+from ript.settings import PretrainConfig
+from ript.envs.benchmark import DEFAULT as DEFAULT_BENCHMARK
 
 
 TOP_LEVEL = {"experiment": None, "seed": 0, "variant": None}
-DEFAULT_BENCHMARK = "metaworld"  # `data.benchmark`
 
 
 def blocks() -> dict[str, type]:
-    """Config block → the dataclass that holds its keys and defaults (imported lazily: the
-    stage modules pull in torch and the simulators)."""
-    from ript.evaluate import EvalConfig
-    from ript.report import ReportConfig
-    from ript.rl.ript import RiptConfig
-    from ript.train.sft import AutoencoderConfig, FinetuneConfig, PriorConfig
+    """Config block → the dataclass that holds its keys and defaults."""
+    from ript import settings as S
 
-    return {"language": LanguageConfig, "autoencoder": AutoencoderConfig,
-            "prior": PriorConfig, "finetune": FinetuneConfig, "ript": RiptConfig,
-            "evaluation": EvalConfig, "report": ReportConfig}
+    return {"language": S.LanguageConfig, "autoencoder": S.AutoencoderConfig,
+            "prior": S.PriorConfig, "finetune": S.FinetuneConfig, "ript": S.RiptConfig,
+            "evaluation": S.EvalConfig, "report": S.ReportConfig}
 
 
 def data_config_class(benchmark: str) -> type:
     """The data stage's config class of a benchmark."""
-    if benchmark == "metaworld":
-        from ript.data.metaworld_demos import DataConfig
+    from ript.envs.benchmark import benchmark_class
 
-        return DataConfig
-    if benchmark == "libero":
-        from ript.data.libero_data import LiberoDataConfig
-
-        return LiberoDataConfig
-    raise ConfigError(f"data.benchmark: unknown benchmark {benchmark!r}; "
-                      "valid: metaworld, libero")
+    try:
+        return benchmark_class(benchmark).data_config()
+    except ValueError as e:
+        raise ConfigError(f"data.benchmark: {e}") from None
 
 
 def resolve(config: dict[str, Any]) -> dict[str, Any]:
@@ -95,37 +67,35 @@ def resolve(config: dict[str, Any]) -> dict[str, Any]:
 
 def check(cfg: dict[str, Any]) -> None:
     """The checks that need more than one block (each names the key it refuses)."""
-    from ript.envs.tasks import has_variant_contexts, observation_keys, step_limit
+    from ript.envs.benchmark import get
 
-    from ript.envs.tasks import resolve_tasks
-
-    data, benchmark = cfg["data"], cfg["data"]["benchmark"]
+    data, name = cfg["data"], cfg["data"]["benchmark"]
     pretrain = cfg.get("pretrain")
     for block in ("data", "pretrain"):
-        if cfg.get(block):
-            try:  # an unknown name fails listing the valid ones
-                resolve_tasks(benchmark, cfg[block]["tasks"], cfg[block].get("suite"))
-            except ValueError as e:
-                raise ConfigError(f"{block}.tasks: {e}") from None
+        if not cfg.get(block):
+            continue
+        try:  # an unknown name fails listing the valid ones
+            get(name, cfg[block].get("suite")).tasks(cfg[block]["tasks"])
+        except ValueError as e:
+            key = "suite" if "needs a suite" in str(e) else "tasks"
+            raise ConfigError(f"{block}.{key}: {e}") from None
+    bench = get(name, data.get("suite"))
     if pretrain:
         require(cfg["finetune"]["enabled"], "finetune.enabled",
                 "`pretrain` trains stages 0-1 on other tasks; stage 2 (finetune.enabled: "
                 "true) is what adapts the policy to data.tasks (spec §4.5)")
-        require(benchmark != "libero" or pretrain.get("suite"), "pretrain.suite",
-                "is required for LIBERO")
-    limit = step_limit(benchmark)
     for key in ("ript.max_episode_steps", "evaluation.max_episode_steps"):
-        block, name = key.split(".")
-        value = cfg[block][name]
-        require(value <= limit, key, f"{value} is more than {benchmark}'s episode limit of "
-                                     f"{limit} steps")
-    recorded = observation_keys(benchmark, image=data.get("image", True))
+        block, field = key.split(".")
+        value = cfg[block][field]
+        require(value <= bench.step_limit, key, f"{value} is more than {name}'s episode limit "
+                                                f"of {bench.step_limit} steps")
+    recorded = bench.observation_keys(image=data.get("image", True))
     for key in ("lowdim_keys", "rgb_keys"):
         missing = [k for k in cfg["prior"][key] if k not in recorded]
-        hint = (" (MetaWorld records corner_rgb only with data.image: true)"
-                if benchmark == "metaworld" and "corner_rgb" in missing else "")
-        require(not missing, f"prior.{key}", f"{missing} not recorded by the {benchmark} data "
+        hint = (" (an image is recorded only with data.image: true)"
+                if "image" in data and not data["image"] else "")
+        require(not missing, f"prior.{key}", f"{missing} not recorded by the {name} data "
                                              f"stage; it records {recorded}{hint}")
-    require(cfg["ript"]["contexts"] != "train_variants" or has_variant_contexts(benchmark),
-            "ript.contexts", f"train_variants exists for MetaWorld only; {benchmark} contexts "
-                             "are the demos' initial states (demos)")
+    require(cfg["ript"]["contexts"] != "train_variants" or bench.variant_contexts,
+            "ript.contexts", f"train_variants exists for benchmarks with task variants only; "
+                             f"{name} contexts are the demos' initial states (demos)")

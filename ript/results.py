@@ -1,6 +1,5 @@
-"""Results of evaluation: per-task statistics, episode records, videos and the per-policy table.
-
-    python -m ript.results --inputs a/summary.json b/summary.json --out table.csv
+"""Results of evaluation: per-task statistics, episode records, videos and the per-policy table
+(built by `python -m ript.evaluate aggregate`).
 
 Separate from the evaluation stage (`ript.evaluate`) so the statistics and tables do not depend on
 how episodes were produced (which benchmark, which policy family), and so the report and the
@@ -9,7 +8,6 @@ aggregation can use them without importing the stage.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -143,16 +141,3 @@ def read_table(path: str | Path) -> tuple[pd.DataFrame, dict]:
         raise ValueError(f"{path}: expected one 'mean' row, found {int(is_mean.sum())}")
     mean = table[is_mean].iloc[0].to_dict()
     return table[~is_mean].set_index("task", drop=False), mean
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m ript.results",
-                                description="Per-task table of evaluation summaries.")
-    p.add_argument("--inputs", nargs="+", required=True, help="summary.json files")
-    p.add_argument("--out", required=True, help="CSV table to write")
-    a = p.parse_args(argv)
-    aggregate(a.inputs, a.out)
-
-
-if __name__ == "__main__":
-    main()

@@ -9,11 +9,9 @@ once and goes on: losing a dashboard must never kill a training run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -210,36 +208,3 @@ class StageTracker:
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def main(argv=None) -> None:
-    from ript.utils import write_json
-
-    # Its own two flags (with the stage CLIs' environment defaults) rather than ript.stage's,
-    # which imports this module: the layers read top-down.
-    env = os.environ.get
-    p = argparse.ArgumentParser(description="Create the MLflow store and experiment once.")
-    p.add_argument("command", choices=["init"])
-    p.add_argument("--experiment-dir", default=env("RIPT_EXPERIMENT_DIR"),
-                   required=not env("RIPT_EXPERIMENT_DIR"),
-                   help="results folder of the experiment [$RIPT_EXPERIMENT_DIR]")
-    p.add_argument("--experiment", default=env("RIPT_EXPERIMENT", "default"),
-                   help="MLflow experiment name [$RIPT_EXPERIMENT]")
-    p.add_argument("--out", required=True, help="JSON file recording the store and experiment")
-    a = p.parse_args(argv)
-    try:
-        info = {**init_store(a.experiment_dir, a.experiment), "available": True}
-    except Exception as e:  # noqa: BLE001 - an unreachable store must not stop the pipeline
-        # The stages then degrade on their own (one warning each, JSONL only); this file
-        # records why the dashboard is empty. Only the first line: MLflow's messages embed
-        # whole urllib3 reprs.
-        uri, error = tracking_uri(a.experiment_dir), f"{type(e).__name__}: {e}".splitlines()[0]
-        print(f"WARNING: MLflow tracking store {uri} is unavailable ({error}); the stages "
-              f"will log their metrics to their JSONL files only", file=sys.stderr, flush=True)
-        info = {"tracking_uri": uri, "experiment": a.experiment, "available": False,
-                "error": error}
-    write_json(a.out, info)
-
-
-if __name__ == "__main__":
-    main()

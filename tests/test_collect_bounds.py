@@ -10,7 +10,7 @@ import pytest
 from ript.data.dataset import Context
 from ript.envs.metaworld import MetaWorldEnv, ObsSpec, task_id
 from ript.envs.runner import EnvRunner
-from ript.envs.worker import MetaWorldFactory
+from ript.envs.metaworld import MetaWorldFactory
 from ript.models import QuestPolicy
 from ript.rl.collect import ContextSampler, SimulatorError, collect
 from ript.rl.distributed import Dist

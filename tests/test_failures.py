@@ -26,7 +26,7 @@ def closed_port_uri() -> str:
 def test_init_with_unreachable_mlflow_warns_once_and_goes_on(tmp_path):
     uri = closed_port_uri()
     out = tmp_path / "mlflow.json"
-    proc = subprocess.run([sys.executable, "-m", "ript.tracking", "init", "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "ript.mlflow_init", "init", "--out", str(out),
                            "--experiment-dir", str(tmp_path), "--experiment", "down"],
                           capture_output=True, text=True, timeout=120,
                           env={**os.environ, "MLFLOW_TRACKING_URI": uri})
@@ -40,7 +40,7 @@ def test_init_with_unreachable_mlflow_warns_once_and_goes_on(tmp_path):
 
 
 def test_init_with_a_sqlite_store_still_creates_the_experiment(tmp_path, monkeypatch):
-    from ript.tracking import main
+    from ript.mlflow_init import main
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     main(["init", "--out", str(tmp_path / "mlflow.json"), "--experiment-dir", str(tmp_path),

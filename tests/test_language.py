@@ -40,8 +40,8 @@ def subprocesses(tmp_path_factory):
     """Two independent CLI runs on libero_goal, and CLIP with the hub switched off."""
     tmp = tmp_path_factory.mktemp("language")
     outs = [tmp / "run1" / "libero_goal.npz", tmp / "run2" / "libero_goal.npz"]
-    procs = [_start(["-m", "ript.data.language", "--suite", "libero_goal", "--encoder", "minilm",
-                     "--out", str(out)]) for out in outs]
+    procs = [_start(["-m", "ript.data.task_embeddings", "--suite", "libero_goal",
+                     "--encoder", "minilm", "--out", str(out)]) for out in outs]
     code = "from ript.data.language import embed; embed(['open the drawer'], 'clip')"
     clip = _start(["-c", code])
     results = []

@@ -96,11 +96,12 @@ def test_step_limit_and_success_flag(env):
 @needs_libero
 def test_libero_runner_with_spawned_worker():
     from ript.envs.libero import LiberoRunner, suite_tasks
-    from ript.envs.runner import EpisodeContext, RandomPolicy
-    from ript.evaluate import EvalConfig, eval_contexts
+    from ript.envs.runner import EpisodeContext
+    from ript.policy import RandomPolicy
+    from ript.envs.benchmark import get
 
     task = suite_tasks(SUITE)[0]
-    contexts = eval_contexts(task, EvalConfig(episodes_per_task=2), seed=0, suite=SUITE)
+    contexts = get("libero", SUITE).eval_contexts(task, 2, seed=0, data={})
     assert [c.variant for c in contexts] == [0, 1]
     with LiberoRunner(SUITE, n_envs=2, n_workers=1, max_episode_steps=3) as r:
         assert r.pool._mp.get_start_method() == "spawn"

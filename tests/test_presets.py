@@ -144,7 +144,8 @@ def test_variant_contexts_are_refused_for_libero(repo):
     cfg = yaml.safe_load((REPO / "config" / "libero_goal.yaml").read_text())
     cfg["ript"]["contexts"] = "train_variants"
     out = refused(repo, cfg)
-    assert "config error: ript.contexts: train_variants exists for MetaWorld only" in out
+    assert "config error: ript.contexts: train_variants exists for benchmarks with task " \
+           "variants only" in out
 
 
 @needs_libero

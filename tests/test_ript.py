@@ -17,10 +17,12 @@ from ript.config import from_dict
 from ript.data.dataset import load_contexts
 from ript.data.metaworld_demos import DataConfig, generate
 from ript.envs.metaworld import ObsSpec, task_id
-from ript.envs.runner import MetaWorldRunner, episode_contexts
+from ript.envs.metaworld import MetaWorldRunner
+from ript.envs.runner import episode_contexts
 from ript.models import ObsEncoder, QuestPolicy, SkillGPT, SkillVAE
 from ript.rl.ript import main as ript_main
 from ript.tracking import read_jsonl
+from ript.policy import load_policy
 from ript.train import checkpoint as ckpt
 from ript.train.sft import main as sft_main
 
@@ -60,7 +62,7 @@ def _ript_args(init, demos, out: Path, cfg: dict, seed: int = 0):
 
 
 def _success_on_contexts(model: Path, demos, episodes_per_context: int, seed: int) -> float:
-    policy, _ = ckpt.load_policy(model)
+    policy, _ = load_policy(model)
     contexts = episode_contexts(load_contexts(demos), episodes_per_context, seed)
     with MetaWorldRunner(ObsSpec(), n_envs=16, n_workers=1, max_episode_steps=150) as runner:
         records = runner.run(policy, contexts, seed=seed)

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from ript.envs.metaworld import MetaWorldEnv, ObsSpec, task_id, variant_split
-from ript.envs.runner import (EnvRunner, EpisodeContext, MetaWorldRunner, RandomPolicy,
-                              ScriptedExpertPolicy, episode_contexts)
-from ript.envs.worker import MetaWorldFactory
+from ript.envs.runner import EnvRunner, EpisodeContext, episode_contexts
+from ript.envs.metaworld import MetaWorldFactory, MetaWorldRunner, ScriptedExpertPolicy
+from ript.policy import RandomPolicy
 from ript.models.policy import ReplanRecord
 
 from conftest import tiny_quest_parts

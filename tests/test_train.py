@@ -17,6 +17,7 @@ import torch
 from ript.config import from_dict
 from ript.data.metaworld_demos import DataConfig, generate, write_demos
 from ript.tracking import read_jsonl
+from ript.policy import load_policy
 from ript.train import checkpoint as ckpt
 from ript.train.sft import main
 
@@ -70,7 +71,7 @@ def test_stage1_ce_falls_and_autoencoder_stays_frozen(demos, stage0, tmp_path):
     main(_cli(1, demos, out, {**TINY_PRIOR, "train": _train(150)}, init=stage0))
     rows = read_jsonl(out.with_suffix(".jsonl"))
     assert rows[-1]["ce"] < 0.7 * rows[0]["ce"]
-    policy, meta = ckpt.load_policy(out)
+    policy, meta = load_policy(out)
     ae = ckpt.load(stage0)["state_dict"]
     for k, v in policy.autoencoder.state_dict().items():
         assert torch.equal(v, ae[k]), f"stage 1 changed the frozen autoencoder ({k})"
@@ -184,7 +185,7 @@ def test_wrong_action_dim_and_architecture_are_named(demos, stage0, tmp_path):
                   init=tmp_path / "wide.pt"))
     with pytest.raises(ckpt.CheckpointError, match="cannot read checkpoint"):
         (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-        ckpt.load_policy(tmp_path / "junk.pt")
+        load_policy(tmp_path / "junk.pt")
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -244,7 +245,7 @@ def test_few_shot_stage_2_on_tasks_the_prior_never_saw(demos, stage0, tmp_path):
               extra=["--task-embeddings", *map(str, emb)]))
     s2 = tmp_path / "s2" / "model.pt"
     main(_cli(2, demos[1:], s2, {"enabled": True, "train": _train(4)}, init=s1))
-    policy, meta = ckpt.load_policy(s2)
+    policy, meta = load_policy(s2)
     assert policy.task_vocab == ["reach-v3", "drawer-close-v3"]  # first file wins, no dupes
     assert meta["task_names"] == ["drawer-close-v3"] and meta["stage"] == 2
     assert _task_id(policy, None, "drawer-close-v3") == 1

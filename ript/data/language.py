@@ -14,12 +14,11 @@ The result must be bit-identical across runs and processes (the embeddings feed 
 stage, and Snakemake caches them), hence eval mode, no_grad, one thread and one text per forward
 pass (so an embedding never depends on which other texts share its padded batch).
 
-CLI: python -m ript.data.language --suite libero_goal --encoder minilm --out <file>.npz
+CLI (stage `task_embeddings`): python -m ript.data.task_embeddings --suite libero_goal --out <f>.npz
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import os
@@ -165,25 +164,3 @@ def read_embeddings(path: str | os.PathLike) -> dict:
                         f"expected float32 ({len(names)}, dim)")
     return dict(names=[str(n) for n in names], languages=[str(s) for s in languages],
                 embeddings=emb, encoder=str(data["encoder"]))
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Embed a LIBERO suite's task instructions (§2.3).")
-    p.add_argument("--suite", required=True, help=f"LIBERO suite, e.g. {', '.join(SUITES)}")
-    p.add_argument("--encoder", default="minilm", choices=ENCODERS)
-    p.add_argument("--out", required=True, help="output .npz file")
-    args = p.parse_args(argv)
-    if args.encoder == "minilm":
-        # The packaged model is local; make sure nothing even tries the hub (set before any
-        # huggingface import reads them). CLIP keeps the user's setting: it needs the hub.
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    names, languages = suite_languages(args.suite)
-    emb = embed(languages, args.encoder)
-    write_embeddings(args.out, names, languages, emb, args.encoder)
-    print(f"{args.suite}: n={emb.shape[0]} dim={emb.shape[1]} encoder={args.encoder} "
-          f"-> {args.out}")
-
-
-if __name__ == "__main__":
-    main()

@@ -20,18 +20,17 @@ import os
 import re
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
-from ript.config import ConfigError, from_dict, require, to_dict
+from ript.config import from_dict, to_dict
 from ript.data.hdf5 import FORMAT_VERSION, DataError, demo_keys
+from ript.envs.libero import LiberoDataConfig
 from ript.utils import atomic_path, progress_enabled
 
-DEFAULT_REPO = "yifengzhu-hf/LIBERO-datasets"  # what LIBERO's download script fetches
 STAGING = ".download"  # <raw_dir>/.download/: files wait there until their checksum matches
 MAX_DEMO_STEPS = 600  # RIPT's context window (spec §2.2): a longer demo adds mid-demo contexts
 IMAGE_SIZE = 128
@@ -44,51 +43,6 @@ COPIED = ("obs", "actions", "states", "rewards", "dones", "robot_states")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-@dataclass
-class LiberoDataConfig:
-    benchmark: str = "libero"
-    """Benchmark of the data stage; this module handles only "libero"."""
-    suite: str = ""
-    """LIBERO suite (required): libero_spatial, libero_object, libero_goal, libero_10 (Long) or
-    libero_90."""
-    tasks: list[str] | str = "all"
-    """Task names of the suite (benchmark order gives the task ids), or "all"."""
-    demos_per_task: int = 50
-    """Demos kept per task, evenly spaced over the file's demos (spec §2.2); 50 = all."""
-    raw_dir: str = "data/libero"
-    """Folder with the official files, `<raw_dir>/<suite>/<task>_demo.hdf5` (relative to the
-    working directory)."""
-    download: bool = True
-    """Download a missing official file from the Hugging Face dataset `download_repo`; if false,
-    a missing file fails. The endpoint is huggingface_hub's (`HF_ENDPOINT` for a mirror)."""
-    download_repo: str = DEFAULT_REPO
-    """Hugging Face dataset repo of the official files (`<suite>/<task>_demo.hdf5` in it)."""
-    download_revision: str = "main"
-    """Branch, tag or commit of `download_repo` to download from (a commit pins the data)."""
-
-    def validate(self) -> None:
-        from ript.envs.libero import SUITES, task_index
-
-        require(self.benchmark == "libero", "data.benchmark", "this data stage handles 'libero'")
-        require(self.suite in SUITES, "data.suite", f"must be one of {list(SUITES)}")
-        if isinstance(self.tasks, str):
-            require(self.tasks == "all", "data.tasks", "a list of task names or 'all'")
-        else:
-            require(len(self.tasks) > 0, "data.tasks", "list at least one task (or 'all')")
-            for t in self.tasks:
-                try:
-                    task_index(self.suite, t)
-                except ValueError as e:
-                    raise ConfigError(f"data.tasks: {e}") from None
-        require(self.demos_per_task >= 1, "data.demos_per_task", "must be >= 1")
-        require(self.download_repo.count("/") == 1 and all(self.download_repo.split("/")),
-                "data.download_repo", "must be a Hugging Face repo id, 'owner/name'")
-        require(bool(self.download_revision), "data.download_revision", "must not be empty")
-
-    def task_names(self) -> list[str]:
-        from ript.envs.libero import suite_tasks
-
-        return suite_tasks(self.suite) if self.tasks == "all" else list(self.tasks)
 
 
 def raw_path(raw_dir: str | Path, suite: str, task: str) -> Path:

@@ -13,57 +13,20 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from ript.config import from_dict, require, to_dict
+from ript.config import from_dict, to_dict
 from ript.data.hdf5 import FORMAT_VERSION
-from ript.envs.metaworld import (BENCHMARK_SEED, CAMERA, MetaWorldEnv, ObsSpec, check_task,
-                                 expert_policy, task_id, variant_split)
+from ript.envs.metaworld import (CAMERA, DataConfig, MetaWorldEnv, check_task, expert_policy,
+                                 task_id, variant_split)
 from ript.utils import atomic_path, progress
 
 MAX_ATTEMPTS_PER_DEMO = 5  # bounds the loop when the noisy expert keeps failing
 
 
-@dataclass
-class DataConfig:
-    tasks: list[str] = field(default_factory=list)
-    """MetaWorld v3 task names (e.g. reach-v3)."""
-    demos_per_task: int = 5
-    """Demonstrations kept per task (the low-data regime where RIPT matters)."""
-    action_noise: float = 0.2
-    """Std of the Gaussian noise added to the expert's actions (QueST used 0.2)."""
-    max_episode_steps: int = 500
-    """Step limit of a demonstration episode (MetaWorld's own limit is 500)."""
-    image: bool = False
-    """Also record the 128x128 `corner_rgb` camera (slow on CPU: software rendering)."""
-    image_size: int = 128
-    """Side of the rendered square image in pixels."""
-    keep_failed: bool = False
-    """Keep demos in which the noisy expert failed (QueST kept all; default keeps successes)."""
-    eval_variants: int = 25
-    """How many of each task's 50 variants are held out for evaluation (the last ones)."""
-
-    def validate(self) -> None:
-        require(len(self.tasks) > 0, "data.tasks", "list at least one task")
-        for t in self.tasks:
-            check_task(t)
-        require(self.demos_per_task >= 1, "data.demos_per_task", "must be >= 1")
-        require(self.action_noise >= 0, "data.action_noise", "must be >= 0")
-        require(1 <= self.max_episode_steps <= 500, "data.max_episode_steps", "must be in [1, 500]")
-        variant_split(self.eval_variants)
-
-    def obs_spec(self) -> ObsSpec:
-        return ObsSpec(image=self.image, image_size=self.image_size)
-
-    def file_settings(self) -> dict:
-        """Attributes a dataset must match to be used with this config."""
-        return {"image": self.image, "image_size": self.image_size,
-                "action_noise": self.action_noise, "eval_variants": self.eval_variants,
-                "benchmark_seed": BENCHMARK_SEED}
 
 
 def rollout_expert(env: MetaWorldEnv, expert, variant: int, rng: np.random.Generator,

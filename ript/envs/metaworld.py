@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from ript.config import require
+from ript.envs.benchmark import Benchmark
+from ript.envs.worker import EpisodeContext
 
 N_VARIANTS = 50          # parametric variants per task in MT1/ML45
 BENCHMARK_SEED = 0       # fixes which 50 variants MT1 draws; part of the data's identity
@@ -62,6 +66,46 @@ class ObsSpec:
 
     def keys(self) -> list[str]:
         return list(LOWDIM_DIMS) + (["corner_rgb"] if self.image else [])
+
+
+@dataclass
+class DataConfig:
+    """Block `data` for MetaWorld: the scripted-expert data stage (spec §2.5)."""
+
+    tasks: list[str] = field(default_factory=list)
+    """MetaWorld v3 task names (e.g. reach-v3)."""
+    demos_per_task: int = 5
+    """Demonstrations kept per task (the low-data regime where RIPT matters)."""
+    action_noise: float = 0.2
+    """Std of the Gaussian noise added to the expert's actions (QueST used 0.2)."""
+    max_episode_steps: int = 500
+    """Step limit of a demonstration episode (MetaWorld's own limit is 500)."""
+    image: bool = False
+    """Also record the 128x128 `corner_rgb` camera (slow on CPU: software rendering)."""
+    image_size: int = 128
+    """Side of the rendered square image in pixels."""
+    keep_failed: bool = False
+    """Keep demos in which the noisy expert failed (QueST kept all; default keeps successes)."""
+    eval_variants: int = 25
+    """How many of each task's 50 variants are held out for evaluation (the last ones)."""
+
+    def validate(self) -> None:
+        require(len(self.tasks) > 0, "data.tasks", "list at least one task")
+        for t in self.tasks:
+            check_task(t)
+        require(self.demos_per_task >= 1, "data.demos_per_task", "must be >= 1")
+        require(self.action_noise >= 0, "data.action_noise", "must be >= 0")
+        require(1 <= self.max_episode_steps <= 500, "data.max_episode_steps", "must be in [1, 500]")
+        variant_split(self.eval_variants)
+
+    def obs_spec(self) -> ObsSpec:
+        return ObsSpec(image=self.image, image_size=self.image_size)
+
+    def file_settings(self) -> dict:
+        """Attributes a dataset must match to be used with this config."""
+        return {"image": self.image, "image_size": self.image_size,
+                "action_noise": self.action_noise, "eval_variants": self.eval_variants,
+                "benchmark_seed": BENCHMARK_SEED}
 
 
 class MetaWorldEnv:
@@ -144,3 +188,139 @@ def expert_policy(task: str):
     from metaworld.policies import ENV_POLICY_MAP
 
     return ENV_POLICY_MAP[check_task(task)]()
+
+
+class MetaWorldFactory:
+    """Builds and resets MetaWorld envs in a worker (picklable; no torch)."""
+
+    def __init__(self, obs, max_episode_steps: int):
+        self.obs = obs  # ript.envs.metaworld.ObsSpec
+        self.max_episode_steps = max_episode_steps
+
+    @property
+    def start_method(self) -> str:
+        # Env notes: rendering in a forked child hangs; state-only envs fork fine (and fast).
+        return "forkserver" if self.obs.image else "fork"
+
+    def check(self, ctx: EpisodeContext) -> None:
+        """Main-process validation, so a bad context fails before any episode runs."""
+        from ript.envs.metaworld import N_VARIANTS, check_task
+
+        check_task(ctx.task)
+        if not 0 <= ctx.variant < N_VARIANTS:
+            raise ValueError(f"context {ctx.context_id} ({ctx.task}): variant {ctx.variant} out "
+                             f"of range [0, {N_VARIANTS})")
+
+    def task_id(self, task: str) -> int:
+        from ript.envs.metaworld import task_id
+
+        return task_id(task)
+
+    def make(self, task: str):
+        from ript.envs.metaworld import MetaWorldEnv
+
+        return MetaWorldEnv(task, self.obs, self.max_episode_steps)
+
+    def reset(self, env, ctx: EpisodeContext) -> dict:
+        return env.reset(ctx.variant, ctx.seed)
+
+
+def MetaWorldRunner(obs: ObsSpec, n_envs: int, n_workers: int,  # noqa: N802
+                    max_episode_steps: int, step_timeout_s: float = 60.0,
+                    start_method: str | None = None, pipeline: bool = False):
+    """EnvRunner over MetaWorld contexts (task, variant, seed) (spec §9.1). A function, so that
+    workers unpickling the factory do not import torch with this module."""
+    from ript.envs.runner import EnvRunner
+
+    return EnvRunner(MetaWorldFactory(obs, max_episode_steps), n_envs, n_workers,
+                     step_timeout_s, start_method, pipeline)
+
+
+# The data stage's default held-out split, for policies whose metadata has none (scripted).
+DEFAULT_EVAL_VARIANTS = 25
+
+
+class MetaWorldBenchmark(Benchmark):
+    """MetaWorld v3: scripted-expert data, task variants as contexts, 500-step episodes."""
+
+    name = "metaworld"
+    step_limit = 500
+    data_module = "ript.data.metaworld_demos"
+    data_code = ("data/metaworld_demos.py", "data/hdf5.py", "envs/metaworld.py")
+    variant_contexts = True
+
+    @classmethod
+    def data_config(cls) -> type:
+        return DataConfig
+
+    def tasks(self, spec) -> list[str]:
+        if isinstance(spec, str):
+            raise ValueError("MetaWorld needs a list of task names, not "
+                             f"{spec!r} (see config/metaworld_ml45.yaml for ML45's)")
+        return [check_task(t) for t in spec]
+
+    def observation_keys(self, image: bool = True) -> list[str]:
+        return ObsSpec(image=image).keys()
+
+    def task_id(self, task: str) -> int:
+        return task_id(task)
+
+    def one_hot_vocabulary(self, tasks: list[str]) -> list[str]:
+        return all_tasks()  # the original's one-hot over all 50 tasks (spec §2.3)
+
+    def train_contexts(self, kind: str, demo_contexts: list, data: dict) -> list:
+        """`train_variants`: one context per (task, non-held-out variant); the variant alone
+        fixes the start state, so no demonstration is needed (more contexts, paper Fig. 6)."""
+        if kind != "train_variants":
+            return super().train_contexts(kind, demo_contexts, data)
+        from ript.data.dataset import Context
+
+        tasks = sorted({c.task for c in demo_contexts})
+        train, _ = variant_split(data["eval_variants"])
+        return [Context(i * len(train) + j, t, task_id(t), v, (), f"{t}:variant_{v}")
+                for i, t in enumerate(tasks) for j, v in enumerate(train)]
+
+    def eval_contexts(self, task: str, episodes: int, seed: int,
+                      data: dict) -> list[EpisodeContext]:
+        """Episode i → held-out variant i mod count (the policy's data held them out), env
+        seed derived from (seed, task id, i)."""
+        from ript.utils import derived_seed
+
+        tid = task_id(task)
+        pool = list(variant_split(int(data.get("eval_variants") or DEFAULT_EVAL_VARIANTS))[1])
+        return [EpisodeContext(i, task, pool[i % len(pool)], derived_seed(seed, tid, i))
+                for i in range(episodes)]
+
+    def factory(self, obs_spec: dict, max_episode_steps: int, *, legacy_reset: bool = False):
+        return MetaWorldFactory(ObsSpec(**obs_spec), max_episode_steps)
+
+    def scripted_expert(self):
+        return ScriptedExpertPolicy()
+
+
+class ScriptedExpertPolicy:
+    """MetaWorld's scripted experts on `obs_gt`, behind the policy protocol (no RL record).
+
+    Proves contexts, stepping and success detection independently of any learned model.
+    """
+
+    def __init__(self, task_names=None):
+        self.task_names = list(task_names or all_tasks())  # index = task id given to act()
+        self._experts: dict[str, object] = {}
+
+    def reset(self, n_envs: int) -> None:
+        self.n_envs = n_envs
+
+    def reset_envs(self, idx) -> None:
+        pass  # stateless
+
+    def act(self, obs, task, generator=None, active=None):
+        state = obs["obs_gt"].double().numpy()
+        active = np.ones(len(state), bool) if active is None else np.asarray(active, bool)
+        actions = np.zeros((len(state), 4), np.float32)
+        for i in np.flatnonzero(active):
+            name = self.task_names[int(task[i])]
+            if name not in self._experts:
+                self._experts[name] = expert_policy(name)
+            actions[i] = np.clip(self._experts[name].get_action(state[i]), -1, 1)
+        return actions, None, active.copy()

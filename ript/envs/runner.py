@@ -8,11 +8,8 @@ policy, an env seed inside each context — and the schedule is a pure function 
 outcomes, so records are identical for any `n_workers` (spec §9.6). Optionally (`pipeline`) the
 slots form two groups stepped alternately, overlapping inference with simulation.
 
-Policy protocol (implemented by `ript.models.policy.QuestPolicy`):
-    reset(n_envs); act(obs {key: (B, ...)}, task (B,) long, generator, active (B,) bool)
-      -> (actions (B, A) np.ndarray, ReplanRecord | None, replanned (B,) bool)
-    optional reset_envs(indices): empty the action queues of the given slots (a slot that starts
-      a new episode must not pop the previous episode's leftover actions).
+Policy protocol: `ript.policy` (implemented by QuestPolicy, the scripted and random policies);
+its `Decision` records are kept per episode with `capture_rl`.
 Observations reach the policy as float32 (B, D) low-dim arrays and uint8 (B, 3, H, W) images
 (channel-first, like a dataset batch without its frame axis).
 """
@@ -26,11 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ript.envs.worker import EpisodeContext, MetaWorldFactory, WorkerPool, unpack
+from ript.envs.worker import EpisodeContext, WorkerPool, unpack
 from ript.utils import derived_seed, progress
 
-__all__ = ["EpisodeContext", "EpisodeRecord", "EnvRunner", "MetaWorldRunner",
-           "ScriptedExpertPolicy", "RandomPolicy", "episode_contexts"]
+__all__ = ["EpisodeContext", "EpisodeRecord", "EnvRunner", "episode_contexts"]
 
 
 @dataclass
@@ -46,10 +42,11 @@ class EpisodeRecord:
     error: str | None = None
     """Why the episode was aborted (env exception, dead worker); such an episode is a failure."""
     variant: int = -1
-    contexts: Tensor | None = None
-    """(S, 2, d) float32 prior context of each replanning step (spec §5.3 "Context caching")."""
+    contexts: Tensor | dict | None = None
+    """(S, ...) what the policy keeps per replanning step to recompute its log-probs (the
+    Decision's `context`: QueST's (S, 2, d) prior context, spec §5.3 "Context caching")."""
     tokens: Tensor | None = None
-    """(S, n) long sampled tokens."""
+    """(S, n) the decisions as the policy scores them (QueST: long skill tokens)."""
     logp: Tensor | None = None
     """(S, n) full-softmax log-probs at sampling time (ℓ_old, spec §5.5)."""
     logp_topk: Tensor | None = None
@@ -112,6 +109,22 @@ def _record_rows(record, replanned: np.ndarray) -> dict[int, int]:
         return {int(s): int(s) for s in idx}
     raise ValueError(f"ReplanRecord has {n} rows; expected {len(idx)} (replanned envs) or "
                      f"{len(replanned)} (batch)")
+
+
+def _row(t, j: int):
+    """Row j of a Decision field: a tensor, or a dict of tensors (a policy that keeps its
+    observations, ript.policy); copied to the CPU."""
+    if t is None:
+        return None
+    if isinstance(t, dict):
+        return {k: v[j].detach().cpu().clone() for k, v in t.items()}
+    return t[j].detach().cpu().clone()
+
+
+def _stack(rows: list):
+    if isinstance(rows[0], dict):
+        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    return torch.stack(rows)
 
 
 class _Run:
@@ -204,9 +217,8 @@ class _Run:
         if self.capture and record is not None:
             for i, j in _record_rows(record, np.asarray(replanned) & active).items():
                 self.slots[i].steps.append(tuple(
-                    None if t is None else t[j].detach().cpu().clone() for t in
-                    (record.context, record.tokens, record.logp,
-                     getattr(record, "logp_topk", None))))
+                    _row(t, j) for t in (record.context, record.tokens, record.logp,
+                                         getattr(record, "logp_topk", None))))
         self.ready[active] = False
         actions = np.asarray(actions, dtype=np.float64)
         # lists pickle much faster than small numpy rows; float64 keeps the values exact
@@ -312,69 +324,7 @@ class EnvRunner:
             # before the successful chunk: valid_steps = S (spec §5.3 "Context caching").
             rec.valid_steps = len(ep.steps)
             cols = list(zip(*ep.steps))
-            rec.contexts, rec.tokens, rec.logp = (torch.stack(cols[i]) for i in range(3))
-            rec.tokens = rec.tokens.long()
+            rec.contexts, rec.tokens, rec.logp = (_stack(cols[i]) for i in range(3))
             if all(t is not None for t in cols[3]):
-                rec.logp_topk = torch.stack(cols[3])
+                rec.logp_topk = _stack(cols[3])
         return rec
-
-
-class MetaWorldRunner(EnvRunner):
-    """EnvRunner over MetaWorld contexts (task, variant, seed) (spec §9.1)."""
-
-    def __init__(self, obs, n_envs: int, n_workers: int, max_episode_steps: int,
-                 step_timeout_s: float = 60.0, start_method: str | None = None,
-                 pipeline: bool = False):
-        super().__init__(MetaWorldFactory(obs, max_episode_steps), n_envs, n_workers,
-                         step_timeout_s, start_method, pipeline)
-
-
-class ScriptedExpertPolicy:
-    """MetaWorld's scripted experts on `obs_gt`, behind the policy protocol (no RL record).
-
-    Proves contexts, stepping and success detection independently of any learned model.
-    """
-
-    def __init__(self, task_names: Sequence[str] | None = None):
-        from ript.envs.metaworld import all_tasks
-
-        self.task_names = list(task_names or all_tasks())  # index = task id given to act()
-        self._experts: dict[str, object] = {}
-
-    def reset(self, n_envs: int) -> None:
-        self.n_envs = n_envs
-
-    def reset_envs(self, idx) -> None:
-        pass  # stateless
-
-    def act(self, obs, task, generator=None, active=None):
-        from ript.envs.metaworld import expert_policy
-
-        state = obs["obs_gt"].double().numpy()
-        active = np.ones(len(state), bool) if active is None else np.asarray(active, bool)
-        actions = np.zeros((len(state), 4), np.float32)
-        for i in np.flatnonzero(active):
-            name = self.task_names[int(task[i])]
-            if name not in self._experts:
-                self._experts[name] = expert_policy(name)
-            actions[i] = np.clip(self._experts[name].get_action(state[i]), -1, 1)
-        return actions, None, active.copy()
-
-
-class RandomPolicy:
-    """Uniform actions in [-1, 1] drawn from the runner's generator (a baseline and a
-    determinism probe)."""
-
-    def __init__(self, action_dim: int = 4):
-        self.action_dim = action_dim
-
-    def reset(self, n_envs: int) -> None:
-        self.n_envs = n_envs
-
-    def reset_envs(self, idx) -> None:
-        pass
-
-    def act(self, obs, task, generator=None, active=None):
-        a = torch.rand(len(task), self.action_dim, generator=generator) * 2 - 1
-        active = np.ones(len(task), bool) if active is None else np.asarray(active, bool)
-        return a.numpy(), None, active.copy()

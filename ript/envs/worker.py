@@ -39,41 +39,6 @@ class EpisodeContext:
     """LIBERO: the flattened MuJoCo state to start from (overrides `variant` when given)."""
 
 
-class MetaWorldFactory:
-    """Builds and resets MetaWorld envs in a worker (picklable; no torch)."""
-
-    def __init__(self, obs, max_episode_steps: int):
-        self.obs = obs  # ript.envs.metaworld.ObsSpec
-        self.max_episode_steps = max_episode_steps
-
-    @property
-    def start_method(self) -> str:
-        # Env notes: rendering in a forked child hangs; state-only envs fork fine (and fast).
-        return "forkserver" if self.obs.image else "fork"
-
-    def check(self, ctx: EpisodeContext) -> None:
-        """Main-process validation, so a bad context fails before any episode runs."""
-        from ript.envs.metaworld import N_VARIANTS, check_task
-
-        check_task(ctx.task)
-        if not 0 <= ctx.variant < N_VARIANTS:
-            raise ValueError(f"context {ctx.context_id} ({ctx.task}): variant {ctx.variant} out "
-                             f"of range [0, {N_VARIANTS})")
-
-    def task_id(self, task: str) -> int:
-        from ript.envs.metaworld import task_id
-
-        return task_id(task)
-
-    def make(self, task: str):
-        from ript.envs.metaworld import MetaWorldEnv
-
-        return MetaWorldEnv(task, self.obs, self.max_episode_steps)
-
-    def reset(self, env, ctx: EpisodeContext) -> dict:
-        return env.reset(ctx.variant, ctx.seed)
-
-
 def _check_finite(obs: dict) -> None:
     # MuJoCo does not raise on instability: it warns and silently resets the simulation, which
     # would hand the policy a teleported robot. Non-finite values are the visible symptom.

@@ -173,6 +173,25 @@ class QuestPolicy(nn.Module):
         """context (N, 2, d), tokens (N, n) -> full-softmax token log-probs (N, n) (spec §5.5)."""
         return self.prior.log_prob(context, tokens)
 
+    # ------------------------------------------------------------------ RL (ript.policy)
+    family = "quest"
+
+    def prepare_rl(self) -> list[tuple[str, nn.Parameter]]:
+        """Freeze all but the prior, which RIPT trains (spec §5.7); return its parameters."""
+        self.freeze_for_stage("rl")
+        return self.rl_parameters()
+
+    def log_prob_sampled(self, context: Tensor, tokens: Tensor) -> Tensor:
+        """Log-probs under the truncated top-k distribution rollouts sample from (§8 B12)."""
+        return self.prior.log_prob(context, tokens, top_k=self.top_k,
+                                   temperature=self.temperature)
+
+    def entropy(self, context: Tensor, tokens: Tensor) -> Tensor:
+        """Mean full-softmax entropy (nats) per token position, a diagnostic (spec §9.3)."""
+        from ript.rl.ppo import token_entropy
+
+        return token_entropy(self.prior.logits(context, tokens))
+
     # ------------------------------------------------------------------ training
 
     def stage_loss(self, batch: dict, stage: int, l1_weight: float = 0.0,

@@ -19,6 +19,32 @@ from torch import Tensor
 __all__ = ["Batch", "Episode", "RolloutBuffer"]
 
 
+# A decision's stored inputs (ript.policy `Decision.context`) are a tensor of rows, or a dict
+# of such tensors for a policy that keeps its observations; these helpers treat both alike.
+def rows(x, sl) -> Tensor | dict:
+    return {k: v[sl] for k, v in x.items()} if isinstance(x, dict) else x[sl]
+
+
+def cat_rows(parts: list) -> Tensor | dict:
+    if isinstance(parts[0], dict):
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return torch.cat(parts)
+
+
+def n_rows(x) -> int:
+    return next(iter(x.values())).shape[0] if isinstance(x, dict) else x.shape[0]
+
+
+def row_shapes(x) -> tuple:
+    if isinstance(x, dict):
+        return tuple(sorted((k, tuple(v.shape[1:])) for k, v in x.items()))
+    return tuple(x.shape[1:])
+
+
+def to_device(x, device):
+    return {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
+
+
 @dataclass
 class Episode:
     """One rollout, as cached during sampling (spec §5.3 "Context caching", §10).
@@ -40,7 +66,7 @@ class Episode:
     context_id: int
     task_id: int
     success: bool
-    contexts: Tensor
+    contexts: Tensor | dict
     tokens: Tensor
     logp: Tensor
     valid_steps: int
@@ -56,9 +82,10 @@ class Episode:
                 f"tokens must be (S, n) and logp the same shape, got {tuple(self.tokens.shape)}"
                 f" and {tuple(self.logp.shape)}"
             )
-        if self.contexts.dim() < 2 or self.contexts.shape[0] != S:
+        if n_rows(self.contexts) != S:
             raise ValueError(
-                f"contexts must be (S, ...) with S={S}, got {tuple(self.contexts.shape)}"
+                f"contexts must be (S, ...) with S={S}, got {row_shapes(self.contexts)} "
+                f"with {n_rows(self.contexts)} rows"
             )
         if not 0 <= self.valid_steps <= S:
             raise ValueError(f"valid_steps={self.valid_steps} outside [0, {S}]")
@@ -83,7 +110,7 @@ class Batch:
         valid_episode: (E,) bool, False for padding slots.
     """
 
-    contexts: Tensor
+    contexts: Tensor | dict
     tokens: Tensor
     logp_old: Tensor
     advantages: Tensor
@@ -105,9 +132,9 @@ class Batch:
         return dataclasses.replace(
             self,
             **{
-                f.name: getattr(self, f.name).to(device)
+                f.name: to_device(getattr(self, f.name), device)
                 for f in dataclasses.fields(self)
-                if isinstance(getattr(self, f.name), Tensor)
+                if isinstance(getattr(self, f.name), (Tensor, dict))
             },
         )
 
@@ -126,9 +153,9 @@ class RolloutBuffer:
         self._empty_slots = 0
         if self.episodes:
             n0 = self.episodes[0].tokens.shape[1]
-            ctx0 = tuple(self.episodes[0].contexts.shape[1:])
+            ctx0 = row_shapes(self.episodes[0].contexts)
             for i, ep in enumerate(self.episodes):
-                if ep.tokens.shape[1] != n0 or tuple(ep.contexts.shape[1:]) != ctx0:
+                if ep.tokens.shape[1] != n0 or row_shapes(ep.contexts) != ctx0:
                     raise ValueError(f"episode {i} has a different token/context shape")
 
     # ------------------------------------------------------------------ bookkeeping
@@ -200,7 +227,7 @@ class RolloutBuffer:
             T = ep.valid_steps if ep.valid else 0
             if T == 0:
                 continue
-            ctx.append(ep.contexts[:T])
+            ctx.append(rows(ep.contexts, slice(0, T)))
             tok.append(ep.tokens[:T])
             lp.append(ep.logp[:T])
             adv.append(torch.full((T,), float(ep.advantage), dtype=torch.float32))
@@ -210,7 +237,7 @@ class RolloutBuffer:
             # Padding-only minibatch: zero rows but the right trailing shapes.
             ref = eps[0]
             return Batch(
-                contexts=ref.contexts[:0],
+                contexts=rows(ref.contexts, slice(0, 0)),
                 tokens=ref.tokens[:0],
                 logp_old=ref.logp[:0],
                 advantages=torch.zeros(0, dtype=torch.float32),
@@ -219,8 +246,8 @@ class RolloutBuffer:
                 valid_episode=valid_episode,
             )
         return Batch(
-            contexts=torch.cat(ctx),
-            tokens=torch.cat(tok).long(),
+            contexts=cat_rows(ctx),
+            tokens=torch.cat(tok),
             logp_old=torch.cat(lp),
             advantages=torch.cat(adv),
             episode_index=torch.cat(eidx),

@@ -17,97 +17,23 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from dataclasses import dataclass
-from typing import Literal
 from pathlib import Path
 
 import torch
 
-from ript.config import ConfigError, from_dict, require, to_dict
-from ript.data.dataset import Context, load_contexts
-from ript.envs.metaworld import task_id, variant_split
-from ript.evaluate import DEFAULT_EVAL_VARIANTS, EvalConfig, eval_contexts, make_runner
-from ript.rl.buffer import RolloutBuffer
+from ript.config import ConfigError, from_dict, to_dict
+from ript.data.dataset import load_contexts
+from ript.envs.benchmark import of_data
+from ript.rl.buffer import RolloutBuffer, cat_rows, rows, to_device
 from ript.rl.collect import ContextSampler, collect
 from ript.rl.distributed import Dist
-from ript.rl.ppo import PPOConfig, ppo_update, token_entropy
+from ript.policy import load_policy, policy_payload
+from ript.rl.ppo import PPOConfig, ppo_update
 from ript.stage import add_common_args, code_hash, load_block, setup_threads, stage_tracker
 from ript.train import checkpoint as ckpt
 from ript.train.loop import decay_groups, gpu_memory
 from ript.utils import derived_seed, progress, seed_everything
-
-
-@dataclass
-class RiptConfig:
-    """Block `ript` (spec §5.9; defaults = the shipped LIBERO scripts)."""
-
-    iterations: int = 15
-    """RIPT iterations (rollout collection + PPO); 15 for LIBERO-90, 30 for the suites."""
-    contexts: Literal["demos", "train_variants"] = "demos"
-    """Context set D_c: one per SFT demo, its first MuJoCo state (the paper, §5.2), or every
-    non-held-out MetaWorld task variant (MetaWorld only: contexts need no demonstration; more
-    contexts help, paper Fig. 6)."""
-    group_size: int = 8
-    """K rollouts per context (the paper reports K = 16, the scripts use 8)."""
-    contexts_per_iteration: int = 180
-    """Target informative groups per iteration, over all ranks."""
-    dynamic_sampling: bool = True
-    """Drop groups whose K rewards are all equal and draw further contexts (§5.1)."""
-    early_stop_fraction: float = 0.8
-    """Stop collecting once this fraction of the target is reached over all ranks."""
-    max_rejected_groups: int = 720
-    """Cap on rejected groups per rank and iteration (bounds collection; §8 B3)."""
-    ppo_epochs: int = 20
-    """PPO passes over each iteration's buffer."""
-    minibatch_episodes: int = 6
-    """Episodes per PPO minibatch over all ranks."""
-    lr: float = 1e-6
-    """AdamW learning rate of the prior (constant, as the original effectively is, §8 B8)."""
-    weight_decay: float = 1e-4
-    """AdamW weight decay on Linear weights."""
-    grad_clip: float = 1.0
-    """Global gradient-norm clip."""
-    clip_low: float = 0.2
-    """PPO ε below 1 (ratio ≥ 1 − clip_low)."""
-    clip_high: float = 0.2
-    """PPO ε above 1 (ratio ≤ 1 + clip_high); asymmetric clipping when ≠ clip_low."""
-    token_level_mean: bool = True
-    """Average the loss over all valid tokens of a minibatch (else per episode, §5.6)."""
-    kl_coef: float = 0.0
-    """Optional KL(π_θ ‖ π_SFT) penalty; off as in the original (whose kl_coef was unused)."""
-    ratio_distribution: Literal["full_softmax", "sampled_topk"] = "full_softmax"
-    """Token distribution of the PPO ratio: the full softmax (the original) or the top-k
-    distribution rollouts actually sample from (removes the mismatch of spec §8 B12)."""
-    max_episode_steps: int = 500
-    """Step limit of a rollout (500 in MetaWorld, 600 in LIBERO)."""
-    n_envs: int = 16
-    """Concurrent episodes (= the policy's batch during rollouts)."""
-    n_workers: int = 2
-    """Environment worker processes."""
-    eval_every: int = 1
-    """Evaluate on held-out contexts every this many iterations (and before the first)."""
-    eval_episodes_per_task: int = 10
-    """Held-out episodes per task at each in-training evaluation."""
-
-    def validate(self) -> None:
-        require(self.group_size >= 2, "ript.group_size", "K must be >= 2 (leave-one-out)")
-        for k in ("iterations", "contexts_per_iteration", "max_rejected_groups", "n_envs",
-                  "minibatch_episodes", "eval_every", "eval_episodes_per_task"):
-            require(getattr(self, k) >= 1, f"ript.{k}", "must be >= 1")
-        require(self.ppo_epochs >= 0, "ript.ppo_epochs", "must be >= 0")
-        require(0 < self.early_stop_fraction <= 1, "ript.early_stop_fraction", "must be in (0, 1]")
-        require(0 <= self.clip_low < 1 and self.clip_high >= 0, "ript.clip_low",
-                "needs 0 <= clip_low < 1 and clip_high >= 0")
-        require(self.lr > 0 and self.grad_clip > 0, "ript.lr", "lr and grad_clip must be > 0")
-        require(self.n_workers >= 0 and self.kl_coef >= 0, "ript.n_workers",
-                "n_workers and kl_coef must be >= 0")
-
-
-def variant_contexts(tasks: list[str], eval_variants: int) -> list[Context]:
-    """One context per (task, non-held-out variant); the variant alone fixes the start state."""
-    train, _ = variant_split(eval_variants)
-    return [Context(i * len(train) + j, t, task_id(t), v, (), f"{t}:variant_{v}")
-            for i, t in enumerate(tasks) for j, v in enumerate(train)]
+from ript.settings import RiptConfig
 
 
 class Ript:
@@ -115,31 +41,28 @@ class Ript:
 
     def __init__(self, cfg: RiptConfig, init: Path, files: list[Path], seed: int, dist: Dist):
         self.cfg, self.seed, self.dist = cfg, seed, dist
-        self.policy, self.meta = ckpt.load_policy(init)
+        self.policy, self.meta = load_policy(init)  # any family with the RLPolicy methods
         self.policy.to(dist.device)
-        self.policy.freeze_for_stage("rl")
-        named = self.policy.rl_parameters()
+        named = self.policy.prepare_rl()
         self.params = [p for _, p in named]
         self.opt = torch.optim.AdamW(decay_groups(self.policy, named, cfg.weight_decay), lr=cfg.lr)
-        self.contexts = load_contexts(files)
-        data = self.meta["data"]
-        self.suite = data.get("suite")  # LIBERO suite, None for MetaWorld
-        if cfg.contexts == "train_variants":
-            if self.suite is not None:
-                raise ConfigError("ript.contexts: train_variants exists for MetaWorld only; "
-                                  "LIBERO contexts are the demos' initial states (demos)")
-            self.contexts = variant_contexts(sorted({c.task for c in self.contexts}),
-                                             data["eval_variants"])
+        self.data = self.meta["data"]
+        self.benchmark = of_data(self.data)
+        try:
+            self.contexts = self.benchmark.train_contexts(cfg.contexts, load_contexts(files),
+                                                          self.data)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.sampler = ContextSampler(self.contexts, seed, dist.rank, dist.world)
         self.tasks = sorted({c.task for c in self.contexts})
-        self.eval_variants = data.get("eval_variants") or DEFAULT_EVAL_VARIANTS
-        # LIBERO demo contexts are restored with set_init_state, correct reset order (§2.6)
-        self.runner = make_runner(self.suite, self.meta["obs_spec"], cfg.n_envs, cfg.n_workers,
-                                  cfg.max_episode_steps, where="ript")
+        # e.g. LIBERO demo contexts are restored with set_init_state, correct reset order (§2.6)
+        self.runner = self.benchmark.make_runner(self.meta["obs_spec"], cfg.n_envs,
+                                                 cfg.n_workers, cfg.max_episode_steps,
+                                                 where="ript")
         self.ppo = PPOConfig(cfg.clip_low, cfg.clip_high, cfg.token_level_mean, cfg.kl_coef)
         self.reference = None
         if cfg.kl_coef > 0:
-            self.reference, _ = ckpt.load_policy(init)
+            self.reference, _ = load_policy(init)
             self.reference.to(dist.device)
         # Per-rank buffer size and minibatch (spec §5.3 step 3, §5.6).
         self.rank_groups = math.ceil(cfg.contexts_per_iteration / dist.world)
@@ -162,9 +85,8 @@ class Ript:
     def evaluate(self, iteration: int) -> dict[str, float]:
         """Held-out success per task, split across ranks and summed."""
         # The evaluation stage's own held-out contexts (never a demo's or a RIPT context's).
-        cfg = EvalConfig(episodes_per_task=self.cfg.eval_episodes_per_task)
-        ctxs = [c for t in self.tasks
-                for c in eval_contexts(t, cfg, self.seed, self.eval_variants, self.suite)]
+        ctxs = [c for t in self.tasks for c in self.benchmark.eval_contexts(
+            t, self.cfg.eval_episodes_per_task, self.seed, self.data)]
         ctxs = ctxs[self.dist.rank::self.dist.world]
         recs = self.runner.run(self.policy, ctxs, seed=derived_seed(self.seed, 7, iteration,
                                                                     self.dist.rank))
@@ -208,21 +130,22 @@ class Ript:
                 **{k: v for k, v in upd.items() if isinstance(v, (int, float))}}
 
     def _log_prob_fn(self, policy):
-        """ℓ(context, tokens) under the distribution chosen by `ratio_distribution`."""
+        """ℓ(context, tokens) under the distribution chosen by `ratio_distribution`: the
+        policy's full distribution (the original) or the one rollouts sample from."""
         if self.cfg.ratio_distribution == "full_softmax":
             return policy.log_prob
-        return lambda c, t: policy.prior.log_prob(c, t, top_k=policy.top_k,
-                                                  temperature=policy.temperature)
+        return policy.log_prob_sampled
 
     @torch.no_grad()
     def _entropy(self, buffer: RolloutBuffer) -> float:
         valid = [e for e in buffer.episodes if e.valid]
-        if not valid:
+        if not valid or not hasattr(self.policy, "entropy"):
             return float("nan")
-        ctx = torch.cat([e.contexts[:e.valid_steps] for e in valid]).to(self.dist.device)
+        ctx = to_device(cat_rows([rows(e.contexts, slice(0, e.valid_steps)) for e in valid]),
+                        self.dist.device)
         tok = torch.cat([e.tokens[:e.valid_steps] for e in valid]).to(self.dist.device)
         self.policy.eval()
-        return float(token_entropy(self.policy.prior.logits(ctx, tok)))
+        return float(self.policy.entropy(ctx, tok))
 
     def close(self):
         self.runner.close()
@@ -268,9 +191,7 @@ def run(args, cfg: RiptConfig) -> dict:
                     ckpt.save(ckpt_dir / "latest.pt", state)
             if dist.is_main:
                 meta = {**ript.meta, "stage": "ript", "ript_iterations": cfg.iterations}
-                ckpt.save(out, {"kind": "policy", "arch": ript.policy.arch, "meta": meta,
-                                "state_dict": {k: v.cpu() for k, v in
-                                               ript.policy.state_dict().items()}})
+                ckpt.save(out, policy_payload(ript.policy, meta))
                 tracker.export_metrics(args.metrics)
                 tracker.log_artifact(args.metrics)
                 tracker.log_artifact(out)

@@ -130,20 +130,6 @@ def clear_resume_state(ckpt_dir: Path) -> None:
     (Path(ckpt_dir) / "latest.pt").unlink(missing_ok=True)
 
 
-def load_policy(path: str | Path):
-    """A final policy file → (QuestPolicy in eval mode, metadata dict)."""
-    from ript.models import QuestPolicy
-
-    ckpt = load(path)
-    if ckpt.get("kind") != "policy":
-        raise CheckpointError(f"{path}: not a policy file (kind={ckpt.get('kind')!r}); "
-                              f"stage 0 writes an autoencoder, stages 1/2 and RIPT a policy")
-    policy = QuestPolicy.from_arch(ckpt["arch"])
-    load_weights(path, policy, ckpt["state_dict"])
-    policy.eval()
-    return policy, ckpt["meta"]
-
-
 def load_weights(path, module: torch.nn.Module, state_dict: dict) -> None:
     """Load weights, failing with the first names/shapes that do not fit (not a torch dump)."""
     own = module.state_dict()

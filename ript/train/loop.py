@@ -5,50 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ript.config import require
 from ript.train import checkpoint as ckpt
 from ript.utils import progress
-
-
-@dataclass
-class OptimConfig:
-    """Optimisation of one supervised stage (spec §3.5, §4.3)."""
-
-    steps: int = 2000
-    """Optimiser steps (resume is exact at any step)."""
-    epochs: float | None = None
-    """If set, train this many passes over the windows instead (the original's unit, spec §3.5,
-    §4.3): steps = ceil(epochs × windows / batch_size), known once the data is loaded."""
-    batch_size: int = 256
-    """Windows per batch (256 for stage 0 and 128 for stage 1 in the paper)."""
-    lr: float = 1e-4
-    """Peak learning rate of AdamW."""
-    lr_min: float = 1e-5
-    """Cosine schedule floor."""
-    weight_decay: float = 1e-4
-    """AdamW weight decay on Linear/Conv weights only."""
-    grad_clip: float = 100.0
-    """Global gradient-norm clip."""
-    checkpoint_every: int = 200
-    """Steps between resume checkpoints (ckpt/latest.pt)."""
-    log_every: int = 20
-    """Steps between metric records."""
-    num_workers: int = 0
-    """DataLoader worker processes (images are read lazily from HDF5)."""
-
-    def validate(self) -> None:
-        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
-            require(getattr(self, name) >= 1, f"train.{name}", "must be >= 1")
-        require(self.lr > 0 and 0 <= self.lr_min <= self.lr, "train.lr_min",
-                "needs 0 <= lr_min <= lr and lr > 0")
-        require(self.num_workers >= 0, "train.num_workers", "must be >= 0")
-        require(self.epochs is None or self.epochs > 0, "train.epochs", "must be > 0")
+from ript.settings import OptimConfig
 
 
 def gpu_memory(device: torch.device) -> dict[str, float]:

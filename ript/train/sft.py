@@ -14,111 +14,20 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-from ript.config import from_dict, require, to_dict
+from ript.config import from_dict, to_dict
 from ript.data.dataset import SequenceDataset
 from ript.data.hdf5 import file_attrs, open_file
-from ript.envs.metaworld import all_tasks
+from ript.envs.benchmark import of_data
 from ript.models import ObsEncoder, QuestPolicy, SkillGPT, SkillVAE
 from ript.stage import add_common_args, code_hash, load_block, setup_threads, stage_tracker
 from ript.train import checkpoint as ckpt
-from ript.train.loop import OptimConfig, decay_groups, train_loop
+from ript.train.loop import decay_groups, train_loop
 from ript.utils import seed_everything
-
-@dataclass
-class AutoencoderConfig:
-    """Block `autoencoder`: SkillVAE architecture (spec §3.1) and its training."""
-
-    chunk_size: int = 32
-    """Actions per chunk T (skill_block_size)."""
-    downsample: int = 4
-    """Temporal downsampling F (a power of two); tokens per chunk = T / F."""
-    d_model: int = 256
-    """Width of encoder and decoder."""
-    enc_layers: int = 2
-    """Causal transformer encoder layers."""
-    dec_layers: int = 4
-    """Transformer decoder layers."""
-    heads: int = 4
-    """Attention heads."""
-    ffn: int = 1024
-    """Feed-forward width."""
-    dropout: float = 0.1
-    """Dropout in both transformers."""
-    quantizer: Literal["fsq", "vq"] = "fsq"
-    """FSQ (the paper's) or VQ (ablation) bottleneck, from vector-quantize-pytorch."""
-    codebook_size: int = 1024
-    """Requested codebook size; FSQ maps it to levels (1024 → [8,5,5,5] = 1000 codes)."""
-    fsq_levels: list[int] | None = None
-    """Explicit FSQ levels (overrides codebook_size for FSQ)."""
-    train: OptimConfig = field(default_factory=OptimConfig)
-    """Optimisation settings of stage 0."""
-
-    def validate(self) -> None:
-        require(self.chunk_size % self.downsample == 0, "autoencoder.chunk_size",
-                f"{self.chunk_size} is not divisible by autoencoder.downsample "
-                f"({self.downsample}): each token must cover a whole number of actions")
-
-    def arch(self, action_dim: int) -> dict:
-        d = to_dict(self)
-        d.pop("train")
-        return {"action_dim": action_dim, **d}
-
-
-@dataclass
-class PriorConfig:
-    """Block `prior`: observation encoders + SkillGPT (spec §4.1-4.4) and stage-1 training."""
-
-    lowdim_keys: list[str] = field(default_factory=lambda: ["robot_states"])
-    """Low-dim observation keys, each projected by a linear layer."""
-    rgb_keys: list[str] = field(default_factory=list)
-    """Image observation keys, each through a ResNet-18 trunk + spatial softmax."""
-    d_model: int = 384
-    """Width of the prior and of the context tokens."""
-    layers: int = 6
-    """Transformer layers of SkillGPT."""
-    heads: int = 6
-    """Attention heads."""
-    ffn: int = 1536
-    """Feed-forward width."""
-    dropout: float = 0.1
-    """Embedding/attention dropout."""
-    lowdim_width: int = 128
-    """Output width of each low-dim projection."""
-    image_width: int = 256
-    """Output width of each image encoder."""
-    augment: bool = True
-    """Train-time image augmentation (random shift + colour jitter, spec §2.4)."""
-    action_horizon: int = 8
-    """Actions executed from each decoded 32-step chunk before replanning (T_a)."""
-    top_k: int = 5
-    """Top-k sampling at inference (the original's `beam_size`)."""
-    temperature: float = 1.0
-    """Sampling temperature at inference."""
-    train: OptimConfig = field(default_factory=OptimConfig)
-    """Optimisation settings of stage 1."""
-
-    def validate(self) -> None:
-        require(len(self.lowdim_keys) + len(self.rgb_keys) > 0, "prior",
-                "needs at least one observation key (lowdim_keys or rgb_keys)")
-
-
-@dataclass
-class FinetuneConfig:
-    """Block `finetune`: QueST stage 2, decoder fine-tuning (spec §4.5)."""
-
-    enabled: bool = False
-    """Run stage 2 between the prior and RIPT (QueST's few-shot recipe)."""
-    l1_weight: float = 10.0
-    """λ: weight of the L1 between decoded sampled tokens and the demo actions."""
-    train: OptimConfig = field(default_factory=OptimConfig)
-    """Optimisation settings of stage 2."""
-
+from ript.settings import AutoencoderConfig, FinetuneConfig, PriorConfig
 
 STAGE_CONFIGS = {0: AutoencoderConfig, 1: PriorConfig, 2: FinetuneConfig}
 STAGE_NAMES = {0: "autoencoder", 1: "prior", 2: "finetune"}
@@ -158,9 +67,7 @@ def task_vocabulary(meta: dict, embedding_files: list[Path]) -> tuple[list[str],
                     names.append(n)
                     rows.append(torch.as_tensor(row, dtype=torch.float32))
         return names, torch.stack(rows)
-    if meta["env_name"] == "metaworld":
-        return all_tasks(), None
-    return list(meta["tasks"]), None
+    return of_data(meta).one_hot_vocabulary(list(meta["tasks"])), None
 
 
 def build_model(stage: int, cfg, init: Path | None, prev: dict | None,

@@ -4,8 +4,7 @@ import json
 import os
 import sys
 
-from ript.envs.tasks import resolve_tasks
-from ript.experiment import data_config_class
+from ript.envs.benchmark import get as get_benchmark
 from ript.utils import source_hash, stable_hash
 
 # A preset's variant (e.g. `paper`, config/paper.yaml) gets its own results, never the preset's.
@@ -14,12 +13,13 @@ RESULTS = f"results/{EXP}"
 LOGS = f"logs/{EXP}"
 SEED = config["seed"]
 DATA = config["data"]
-BENCHMARK = DATA["benchmark"]
-# Task lists checked against the benchmark now: a typo fails before any job is submitted.
-TASKS = resolve_tasks(BENCHMARK, DATA["tasks"], DATA.get("suite"))
+# The benchmark of the target tasks (and of the pretraining ones, if any); the config was
+# checked against it when the Snakefile resolved it (ript/experiment.py).
+BENCHMARK = get_benchmark(DATA["benchmark"], DATA.get("suite"))
+TASKS = BENCHMARK.tasks(DATA["tasks"])
 PRETRAIN = config.get("pretrain")
 PRETRAIN_TASKS = (
-    resolve_tasks(BENCHMARK, PRETRAIN["tasks"], PRETRAIN.get("suite"))
+    get_benchmark(DATA["benchmark"], PRETRAIN.get("suite")).tasks(PRETRAIN["tasks"])
     if PRETRAIN
     else []
 )
@@ -52,7 +52,7 @@ SUITES = (
             [s for s in [(PRETRAIN or {}).get("suite"), DATA.get("suite")] if s]
         )
     )
-    if BENCHMARK == "libero"
+    if BENCHMARK.language_embeddings
     else []
 )
 EMBEDDINGS = expand(f"{RESULTS}/embeddings/{{suite}}.npz", suite=SUITES)
@@ -61,7 +61,7 @@ TRAIN_CODE = ("train", "data/dataset.py", "data/hdf5.py")
 
 # The data stage's own keys, read from its config class: a key the stage does not know is left
 # out of its params, so editing one benchmark's keys cannot invalidate the other's files.
-_DATA_KEYS = [f.name for f in dataclasses.fields(data_config_class(BENCHMARK))]
+_DATA_KEYS = [f.name for f in dataclasses.fields(BENCHMARK.data_config())]
 
 
 def data_block(split, task):

@@ -18,16 +18,7 @@ rule mlflow_init:
     conda:
         "../envs/ript.yaml"
     shell:
-        "python -m ript.tracking init --out {output} > {log} 2>&1"
-
-
-DATA_MODULE = {
-    "metaworld": (
-        "ript.data.metaworld_demos",
-        ("data/metaworld_demos.py", "data/hdf5.py", "envs/metaworld.py"),
-    ),
-    "libero": ("ript.data.libero_data", ("data/libero_data.py", "data/hdf5.py")),
-}[BENCHMARK]
+        "python -m ript.mlflow_init init --out {output} > {log} 2>&1"
 
 
 rule demos:
@@ -51,8 +42,8 @@ rule demos:
         seed=SEED,
         # only this task's settings: adding a task does not regenerate the others
         cfg=lambda w: as_json(data_block(w.split, w.task)),
-        module=DATA_MODULE[0],
-        code=source_hash(*DATA_MODULE[1]),
+        module=BENCHMARK.data_module,
+        code=source_hash(*BENCHMARK.data_code),
     shell:
         "python -m {params.module} --task {wildcards.task} --config {params.cfg:q} "
         "--out {output} --seed {params.seed} > {log} 2>&1"
@@ -76,7 +67,7 @@ rule task_embeddings:
         runtime=30,
     params:
         encoder=config["language"]["encoder"],
-        code=source_hash("data/language.py"),
+        code=source_hash("data/language.py", "data/task_embeddings.py"),
     shell:
-        "python -m ript.data.language --suite {wildcards.suite} --encoder {params.encoder} "
+        "python -m ript.data.task_embeddings --suite {wildcards.suite} --encoder {params.encoder} "
         "--out {output} > {log} 2>&1"

@@ -21,7 +21,12 @@ rule evaluate:
         seed=SEED,
         cfg=as_json(config["evaluation"]),
         code=source_hash(
-            "evaluate.py", "results.py", "envs", "models", "train/checkpoint.py"
+            "evaluate.py",
+            "results.py",
+            "policy.py",
+            "envs",
+            "models",
+            "train/checkpoint.py",
         ),
     shell:
         "python -m ript.evaluate --checkpoint {input.model} --task {wildcards.task} "
@@ -43,4 +48,4 @@ rule aggregate:
     params:
         code=source_hash("results.py"),
     shell:
-        "python -m ript.results --inputs {input} --out {output} > {log} 2>&1"
+        "python -m ript.evaluate aggregate --inputs {input} --out {output} > {log} 2>&1"

@@ -23,7 +23,12 @@ rule ript:
         seed=SEED,
         cfg=as_json(config["ript"]),
         code=source_hash(
-            "rl", "envs", "models", "train/checkpoint.py", "data/dataset.py"
+            "rl",
+            "envs",
+            "models",
+            "policy.py",
+            "train/checkpoint.py",
+            "data/dataset.py",
         ),
         launcher=lambda w, resources: launcher(resources),
     shell:

@@ -1,0 +1,134 @@
+"""The Benchmark interface: everything the pipeline asks of a benchmark, and their registry.
+
+One module per benchmark under `ript/envs/` holds its environment, its worker-side env factory
+and its `Benchmark` (`metaworld.py`, `libero.py`); `REGISTRY` names them. Nothing outside
+`ript/envs/` tests which benchmark it has: the config checks, the data and embedding rules,
+training, evaluation and RIPT ask `get(name, suite)` (a config) or `of_data(meta)` (a policy's
+data) and speak to the interface. A third benchmark is one new module and one registry line
+(or `register` at run time, as the tests do).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from ript.envs.worker import EpisodeContext
+
+DEFAULT = "metaworld"  # `data.benchmark` when a config or a policy's data names none
+# name -> "module:class", imported on first use (LIBERO's simulator is an optional extra).
+REGISTRY: dict[str, Any] = {
+    "metaworld": "ript.envs.metaworld:MetaWorldBenchmark",
+    "libero": "ript.envs.libero:LiberoBenchmark",
+}
+
+
+class Benchmark:
+    """A benchmark, bound to one task suite where it has several (LIBERO's)."""
+
+    name: str = ""
+    step_limit: int = 500
+    """Longest episode the benchmark allows (config checks, runners)."""
+    data_module: str = ""
+    """The data stage's CLI module (`python -m <data_module> --task ...`)."""
+    data_code: tuple[str, ...] = ()
+    """Library files (relative to `ript/`) whose edits invalidate the data stage."""
+    language_embeddings: bool = False
+    """Tasks are named by language instructions, embedded once per suite (spec §2.3)."""
+    variant_contexts: bool = False
+    """RIPT may use task variants as contexts (a start state without a demonstration)."""
+    needs_suite: bool = False
+
+    def __init__(self, suite: str | None = None):
+        self.suite = suite
+
+    # -- config ---------------------------------------------------------------------------
+    @classmethod
+    def data_config(cls) -> type:
+        """The data stage's config dataclass (its keys and defaults)."""
+        raise NotImplementedError
+
+    def tasks(self, spec: list[str] | str) -> list[str]:
+        """`spec` (names, or "all" where the benchmark has a fixed task set) as a checked list;
+        an unknown name raises ValueError listing the valid ones."""
+        raise NotImplementedError
+
+    def observation_keys(self, image: bool = True) -> list[str]:
+        """Keys that both the data stage records and the env runner produces."""
+        raise NotImplementedError
+
+    # -- tasks and contexts ---------------------------------------------------------------
+    def task_id(self, task: str) -> int:
+        raise NotImplementedError
+
+    def one_hot_vocabulary(self, tasks: list[str]) -> list[str]:
+        """Task names of a policy's one-hot task token when no language embedding is used."""
+        return list(tasks)
+
+    def train_contexts(self, kind: str, demo_contexts: list, data: dict) -> list:
+        """RIPT's context set (spec §5.2): `demos` = the demonstrations' start states;
+        `train_variants` where `variant_contexts`."""
+        if kind == "demos":
+            return demo_contexts
+        raise ValueError(f"ript.contexts: {kind} exists for benchmarks with task variants only; "
+                         f"{self.name} contexts are the demos' initial states (demos)")
+
+    def eval_contexts(self, task: str, episodes: int, seed: int,
+                      data: dict) -> list[EpisodeContext]:
+        """The held-out evaluation episodes of `task` (never a demo's or a RIPT context's
+        start); deterministic under `seed`. `data` is the policy's data metadata."""
+        raise NotImplementedError
+
+    def scripted_expert(self):
+        """A scripted expert behind the Policy interface (reference rows, tests)."""
+        raise ValueError(f"{self.name} has no scripted expert")
+
+    # -- simulation -----------------------------------------------------------------------
+    def factory(self, obs_spec: dict, max_episode_steps: int, *, legacy_reset: bool = False):
+        """The worker-side env factory (see ript.envs.worker)."""
+        raise NotImplementedError
+
+    def make_runner(self, obs_spec: dict, n_envs: int, n_workers: int, max_episode_steps: int,
+                    *, step_timeout_s: float = 60.0, legacy_reset: bool = False,
+                    where: str = "evaluation"):
+        """An EnvRunner over this benchmark's envs; `where` names the config block in errors."""
+        from ript.config import require
+        from ript.envs.runner import EnvRunner
+
+        require(max_episode_steps <= self.step_limit, f"{where}.max_episode_steps",
+                f"{self.name} episodes end at {self.step_limit} steps")
+        factory = self.factory(obs_spec, max_episode_steps, legacy_reset=legacy_reset)
+        return EnvRunner(factory, n_envs, n_workers, step_timeout_s)
+
+
+def register(name: str, cls: type[Benchmark]) -> None:
+    """Add a benchmark at run time (tests; a plug-in)."""
+    REGISTRY[name] = cls
+
+
+def names() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def benchmark_class(name: str) -> type[Benchmark]:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown benchmark {name!r}; valid: {', '.join(names())}")
+    cls = REGISTRY[name]
+    if isinstance(cls, str):
+        module, attr = cls.split(":")
+        cls = REGISTRY[name] = getattr(importlib.import_module(module), attr)
+    return cls
+
+
+def get(name: str, suite: str | None = None) -> Benchmark:
+    cls = benchmark_class(name)
+    if cls.needs_suite and not suite:
+        raise ValueError(f"{name} needs a suite (data.suite / pretrain.suite)")
+    return cls(suite)
+
+
+def of_data(data: dict | None) -> Benchmark:
+    """The benchmark of a policy's data metadata (`meta["data"]`, written by the SFT stages:
+    the data files' `env_name` and `suite`); MetaWorld when there is none (scripted policies)."""
+    data = data or {}
+    return get(data.get("benchmark") or data.get("env_name") or DEFAULT, data.get("suite"))
