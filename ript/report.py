@@ -1,7 +1,8 @@
 """Stage 'report': one page that shows what the pipeline did and whether RIPT helped.
 
 Per-task held-out success before (SFT) and after RIPT with Wilson 95 % intervals (table + bar
-chart), the RIPT curves, the stage-0/1 loss curves, the config and each stage's wall time.
+chart), the RIPT curves, the stage-0/1 loss curves (with validation success when a stage
+ran validation rollouts), the config and each stage's wall time.
 The success numbers are read from the per-policy tables `eval/{sft,ript}/table.csv`
 (`ript.results.aggregate`), so the page, `summary.json` and the tables cannot disagree.
 Writes `index.html` (self-contained apart from the PNGs beside it; images scale to the page),
@@ -112,6 +113,36 @@ def curves(rows: list[dict], panels: list[tuple[str, list[str]]], out: Path, dpi
     plt.close(fig)
 
 
+def stage_curves(stage_rows: dict[str, list[dict]], out: Path, dpi: int) -> None:
+    """One panel per supervised stage: its loss, and beside it on a right-hand axis the
+    validation success when the stage ran validation rollouts (`train.eval_every`)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(stage_rows), figsize=_panels_size(len(stage_rows)),
+                             squeeze=False)
+    for ax, (name, rows) in zip(axes[0], stage_rows.items()):
+        key = "recon_l1" if name == "autoencoder" else "ce"
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot(*zip(*pts), label=key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        val = [(r["step"], r["val_success"]) for r in rows if "val_success" in r]
+        if val:
+            right = ax.twinx()
+            right.plot(*zip(*val), color="#d62728", marker="o", ms=3, label="val_success")
+            right.set_ylim(-0.02, 1.02)
+            right.set_ylabel("validation success")
+            chosen = [r["selected_step"] for r in rows if "selected_step" in r]
+            if chosen:  # select: best_validation
+                right.axvline(chosen[-1], color="#d62728", ls=":", lw=1, label="selected")
+            lines = ax.get_legend_handles_labels()
+            more = right.get_legend_handles_labels()
+            right.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8)
+        ax.set_title(f"{name} loss" + (" and validation" if val else ""))
+    fig.tight_layout()
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+
+
 class JobTime(NamedTuple):
     job: str
     seconds: float
@@ -160,18 +191,7 @@ def build(cfg: ReportConfig, *, sft_table, ript_table, ript_metrics, stage_metri
                      ("PPO", ["clip_frac", "ratio_mean"])],
            out_dir / "ript_curves.png", cfg.dpi, "RIPT iteration")
     stage_rows = {Path(p).parent.name: read_jsonl(p) for p in stage_metrics}
-    panels = [(f"{name} loss", ["recon_l1"] if name == "autoencoder" else ["ce"])
-              for name in stage_rows]
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(panels), figsize=_panels_size(len(panels)), squeeze=False)
-    for ax, (title, keys), rows in zip(axes[0], panels, stage_rows.values()):
-        ax.plot([r["step"] for r in rows], [r[keys[0]] for r in rows])
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "sft_losses.png", dpi=cfg.dpi)
-    plt.close(fig)
+    stage_curves(stage_rows, out_dir / "sft_losses.png", cfg.dpi)
     times = job_times(Path(bench_dir))
     lift = 100 * (pr["success_rate"] - ps["success_rate"])
     summary = {"sft": ps, "ript": pr, "lift_points": lift,

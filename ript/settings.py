@@ -39,6 +39,21 @@ class OptimConfig:
     """Steps between metric records."""
     num_workers: int = 0
     """DataLoader worker processes (images are read lazily from HDF5)."""
+    eval_every: int = 0
+    """Steps between validation rollouts (and at the last step); 0 = off. Stages 1 and 2 only:
+    the episodes start from training contexts, never the held-out evaluation ones."""
+    eval_episodes: int = 10
+    """Validation episodes per task at each validation evaluation."""
+    eval_max_episode_steps: int = 500
+    """Step limit of a validation episode (MetaWorld: 500; LIBERO: 600 in QueST)."""
+    eval_n_envs: int = 10
+    """Validation episodes run concurrently (the policy's batch)."""
+    eval_n_workers: int = 1
+    """Simulator worker processes of the validation runner (0 = the training process)."""
+    select: Literal["last", "best_validation"] = "last"
+    """The weights written as model.pt: the last step's, or those of the validation evaluation
+    with the highest success, ties to the earlier step (QueST's MetaWorld few-shot protocol,
+    which picked on the test episodes; here on validation contexts)."""
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
@@ -47,6 +62,12 @@ class OptimConfig:
                 "needs 0 <= lr_min <= lr and lr > 0")
         require(self.num_workers >= 0, "train.num_workers", "must be >= 0")
         require(self.epochs is None or self.epochs > 0, "train.epochs", "must be > 0")
+        require(self.eval_every >= 0, "train.eval_every", "must be >= 0 (0 = off)")
+        for name in ("eval_episodes", "eval_max_episode_steps", "eval_n_envs"):
+            require(getattr(self, name) >= 1, f"train.{name}", "must be >= 1")
+        require(self.eval_n_workers >= 0, "train.eval_n_workers", "must be >= 0")
+        require(self.select == "last" or self.eval_every > 0, "train.select",
+                f"{self.select} selects among validation evaluations: set train.eval_every > 0")
 
 
 @dataclass
@@ -79,6 +100,10 @@ class AutoencoderConfig:
     """Optimisation settings of stage 0."""
 
     def validate(self) -> None:
+        # Stage 0 learns an action autoencoder: there is no policy to roll out yet.
+        require(self.train.eval_every == 0 and self.train.select == "last",
+                "autoencoder.train.eval_every", "stage 0 trains an action autoencoder, which "
+                "cannot be rolled out: leave train.eval_every at 0 and train.select at last")
         require(self.chunk_size % self.downsample == 0, "autoencoder.chunk_size",
                 f"{self.chunk_size} is not divisible by autoencoder.downsample "
                 f"({self.downsample}): each token must cover a whole number of actions")

@@ -45,8 +45,11 @@ def write_inputs(root: Path, results: dict[str, list[dict]], *, ript_steps: int 
     for stage, key in (("autoencoder", "recon_l1"), ("prior", "ce")):
         stage_metrics.append(root / stage / "metrics.jsonl")
         stage_metrics[-1].parent.mkdir()
-        stage_metrics[-1].write_text("\n".join(json.dumps({"step": s, key: 1 / (s + 1)})
-                                               for s in range(5)))
+        # the prior ran validation rollouts every 2nd step (train.eval_every, best_validation)
+        rows = [{"step": s, key: 1 / (s + 1),
+                 **({"val_success": 0.2 * s, "selected_step": 4}
+                    if stage == "prior" and s % 2 == 0 else {})} for s in range(5)]
+        stage_metrics[-1].write_text("\n".join(json.dumps(r) for r in rows))
     (root / "ript.jsonl").write_text("\n".join(json.dumps(
         {"step": s, "eval_success": min(1.0, 0.4 + 0.01 * s), "train_success": 0.5,
          "groups_kept": 2, "groups_rejected": 1, "clip_frac": 0.1, "ratio_mean": 1.0})
@@ -148,7 +151,9 @@ window.addEventListener("load", () => {
   const out = {scrollWidth: document.documentElement.scrollWidth,
                innerWidth: window.innerWidth,
                images: [...document.images].map(i => ({
-                 src: i.getAttribute("src"), loaded: i.complete && i.naturalWidth > 0,
+                 // embedded images: the figure's name is the link around it
+                 src: (i.closest("a") || i).getAttribute(i.closest("a") ? "href" : "src"),
+                 loaded: i.complete && i.naturalWidth > 0,
                  right: i.getBoundingClientRect().right}))};
   const pre = document.createElement("pre");
   pre.id = "probe";

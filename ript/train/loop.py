@@ -67,8 +67,15 @@ def _to(batch, device):
 
 def train_loop(model, loss_fn, groups, dataset: Dataset, cfg: OptimConfig, tracker, *,
                ckpt_dir: Path, resume: dict | None, resume_key: dict, seed: int,
-               device: torch.device, config: dict) -> dict:
-    """Train `model` for cfg.steps; resumable from `resume` (a ckpt/latest.pt payload)."""
+               device: torch.device, config: dict, evaluate=None) -> dict:
+    """Train `model` for cfg.steps; resumable from `resume` (a ckpt/latest.pt payload).
+
+    evaluate: `step -> {"val_success": ..., ...}`, called every cfg.eval_every steps and at the
+    last; its metrics join that step's record. It runs with the RNG states saved and restored,
+    so training draws the same numbers with and without it. With cfg.select ==
+    "best_validation" the model ends holding the weights of the best evaluation (ties: the
+    earlier step), and the resume checkpoint carries that best-so-far state.
+    """
     if len(dataset) == 0:
         raise ValueError("empty dataset: no training windows")
     if cfg.epochs is not None:
@@ -76,13 +83,14 @@ def train_loop(model, loss_fn, groups, dataset: Dataset, cfg: OptimConfig, track
         cfg = dataclasses.replace(cfg, steps=max(1, math.ceil(cfg.epochs * batches)))
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, cfg))
-    step = 0
+    step, best = 0, None
     if resume:
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
         ckpt.set_rng_state(resume["rng"])
         step = resume["step"]
+        best = resume.get("best")
         tracker.truncate_after(step)
         print(f"{tracker.stage}: resuming from step {step} of {cfg.steps}", flush=True)
     params = [p for g in groups for p in g["params"]]
@@ -91,7 +99,8 @@ def train_loop(model, loss_fn, groups, dataset: Dataset, cfg: OptimConfig, track
         ckpt.save(ckpt_dir / "latest.pt", {
             "model": model.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "rng": ckpt.rng_state(), "step": step,
-            "config": config, "resume_key": resume_key, "mlflow_run_id": tracker.run_id})
+            "config": config, "resume_key": resume_key, "mlflow_run_id": tracker.run_id,
+            "best": best})
 
     loader = DataLoader(dataset, batch_sampler=EpochBatches(len(dataset), cfg.batch_size, seed,
                                                             step, cfg.steps),
@@ -100,7 +109,8 @@ def train_loop(model, loss_fn, groups, dataset: Dataset, cfg: OptimConfig, track
                         # global RNG, or a resumed run's dropout masks would shift
                         generator=torch.Generator().manual_seed(seed))
     bar = progress(total=cfg.steps, initial=step, desc=tracker.stage)
-    last = {}
+    last, val = {}, {}
+    validate = evaluate is not None and cfg.eval_every > 0
     for batch in loader:
         model.train()
         loss, metrics = loss_fn(_to(batch, device))
@@ -117,8 +127,17 @@ def train_loop(model, loss_fn, groups, dataset: Dataset, cfg: OptimConfig, track
         bar.update(1)
         last = {**metrics, "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
                 **gpu_memory(device)}
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            tracker.log_metrics(last, step)
+        evaluated = validate and (step % cfg.eval_every == 0 or step == cfg.steps)
+        if evaluated:
+            val = _isolated_rng(evaluate, step, device)
+            if cfg.select == "best_validation":
+                if best is None or val["val_success"] > best["val_success"]:
+                    best = {"step": step, "val_success": val["val_success"],
+                            "state_dict": {k: v.detach().cpu().clone()
+                                           for k, v in model.state_dict().items()}}
+                val["selected_step"] = best["step"]
+        if evaluated or step % cfg.log_every == 0 or step == cfg.steps:
+            tracker.log_metrics({**last, **val} if evaluated else last, step)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")
             if bar.disable:  # logs and batch jobs still get a heartbeat
                 print(f"{tracker.stage} step {step}/{cfg.steps} loss {metrics['loss']:.4f}",
@@ -126,4 +145,16 @@ def train_loop(model, loss_fn, groups, dataset: Dataset, cfg: OptimConfig, track
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             save_state()
     bar.close()
-    return {"steps": step, **last}
+    if best is not None and cfg.select == "best_validation":
+        model.load_state_dict(best["state_dict"])
+    return {"steps": step, **last, **val}
+
+
+def _isolated_rng(fn, step: int, device: torch.device) -> dict:
+    """fn(step) with every RNG state (torch CPU/CUDA, numpy, python) restored afterwards, so an
+    evaluation never shifts the training stream (dropout masks, augmentation)."""
+    state = ckpt.rng_state()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        out = fn(step)
+    ckpt.set_rng_state(state)
+    return dict(out)

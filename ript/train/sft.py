@@ -16,21 +16,24 @@ import argparse
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from ript.config import from_dict, to_dict
-from ript.data.dataset import SequenceDataset
+from ript.config import from_dict, require, to_dict
+from ript.data.dataset import SequenceDataset, load_contexts
 from ript.data.hdf5 import file_attrs, open_file
 from ript.envs.benchmark import of_data
+from ript.envs.worker import EpisodeContext
 from ript.models import ObsEncoder, QuestPolicy, SkillGPT, SkillVAE
 from ript.stage import add_common_args, code_hash, load_block, setup_threads, stage_tracker
 from ript.train import checkpoint as ckpt
 from ript.train.loop import decay_groups, train_loop
-from ript.utils import seed_everything
-from ript.settings import AutoencoderConfig, FinetuneConfig, PriorConfig
+from ript.utils import derived_seed, seed_everything
+from ript.settings import AutoencoderConfig, FinetuneConfig, OptimConfig, PriorConfig
 
 STAGE_CONFIGS = {0: AutoencoderConfig, 1: PriorConfig, 2: FinetuneConfig}
 STAGE_NAMES = {0: "autoencoder", 1: "prior", 2: "finetune"}
+VALIDATION_STREAM = 11  # derived_seed tag of validation rollouts: a stream of their own
 
 
 def data_meta(files: list[Path]) -> dict:
@@ -96,6 +99,77 @@ def build_model(stage: int, cfg, init: Path | None, prev: dict | None,
     return policy
 
 
+def validation_contexts(benchmark, demo_contexts: list, data: dict, episodes: int,
+                        seed: int) -> list[EpisodeContext]:
+    """`episodes` validation episodes per task of the data, from the *training* contexts only.
+
+    With task variants (MetaWorld) the pool of a task is its non-held-out variants that no demo
+    started from (all its non-held-out variants if the demos used every one); otherwise
+    (LIBERO) the demos' own start states. Both come from `benchmark.train_contexts`, the set
+    RIPT trains on, which is disjoint from `eval_contexts` by construction (the last
+    `eval_variants` variants, or the benchmark's fixed init states): a checkpoint chosen on
+    these episodes has never seen the held-out evaluation. Episode i cycles the pool; its env
+    seed is derived from (seed, VALIDATION_STREAM, task id, i), apart from every other stream.
+    """
+    used = {(c.task, c.variant) for c in demo_contexts}
+    if benchmark.variant_contexts:
+        pool = benchmark.train_contexts("train_variants", demo_contexts, data)
+        fresh = [c for c in pool if (c.task, c.variant) not in used]
+    else:
+        pool, fresh = benchmark.train_contexts("demos", demo_contexts, data), []
+    out = []
+    for task in dict.fromkeys(c.task for c in demo_contexts):  # data order
+        cands = [c for c in fresh if c.task == task] or [c for c in pool if c.task == task]
+        for i in range(episodes):
+            c = cands[i % len(cands)]
+            init = np.asarray(c.init_state, np.float64) if len(c.init_state) else None
+            out.append(EpisodeContext(len(out), task, c.variant,
+                                      derived_seed(seed, VALIDATION_STREAM, c.task_id, i), init))
+    return out
+
+
+class Validator:
+    """Periodic validation rollouts of the policy being trained (stages 1-2, issue #17):
+    `__call__(step)` runs the fixed validation episodes in eval mode and returns `val_success`
+    and `val_success/<task>`. Every evaluation uses the same episodes and the same sampling
+    seed (common random numbers), so checkpoints are compared on equal terms."""
+
+    def __init__(self, policy, meta: dict, files: list[Path], cfg: OptimConfig, seed: int,
+                 where: str):
+        self.policy, self.cfg = policy, cfg
+        self.benchmark = of_data(meta)
+        require(cfg.eval_max_episode_steps <= self.benchmark.step_limit,
+                f"{where}.eval_max_episode_steps",
+                f"{self.benchmark.name} episodes end at {self.benchmark.step_limit} steps")
+        self.contexts = validation_contexts(self.benchmark, load_contexts(files), meta,
+                                            cfg.eval_episodes, seed)
+        self.tasks = list(dict.fromkeys(c.task for c in self.contexts))
+        self.obs_spec = {"image": meta["image"], "image_size": meta["image_size"]}
+        self.seed, self.where, self.runner = derived_seed(seed, VALIDATION_STREAM), where, None
+        self.last_records: list = []
+
+    def __call__(self, step: int) -> dict[str, float]:
+        if self.runner is None:  # simulator workers only once validation is first due
+            self.runner = self.benchmark.make_runner(
+                self.obs_spec, self.cfg.eval_n_envs, self.cfg.eval_n_workers,
+                self.cfg.eval_max_episode_steps, where=self.where)
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            recs = self.runner.run(self.policy, self.contexts, seed=self.seed)
+        finally:
+            self.policy.train(was_training)
+        self.last_records = recs
+        per_task = {f"val_success/{t}": float(np.mean([r.success for r in recs if r.task == t]))
+                    for t in self.tasks}
+        return {"val_success": float(np.mean([r.success for r in recs])), **per_task,
+                "val_errors": sum(r.error is not None for r in recs)}
+
+    def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
+
+
 def run_stage(stage: int, cfg, files: list[Path], out: Path, metrics_out: Path, args,
               init: Path | None = None, embedding_files: list[Path] | None = None) -> dict:
     seed_everything(args.seed)
@@ -152,9 +226,17 @@ def run_stage(stage: int, cfg, files: list[Path], out: Path, metrics_out: Path, 
                        run_id=resume["mlflow_run_id"] if resume else None) as tracker:
         if not resume and tracker.metrics_path.exists():
             tracker.metrics_path.unlink()  # a fresh run starts a fresh curve
-        summary = train_loop(model, loss_fn, groups, dataset, cfg.train, tracker,
-                             ckpt_dir=ckpt_dir, resume=resume, resume_key=key,
-                             seed=args.seed, device=device, config=to_dict(cfg))
+        validator = None
+        if stage > 0 and cfg.train.eval_every > 0:
+            validator = Validator(model, meta, files, cfg.train, args.seed, f"{name}.train")
+        try:
+            summary = train_loop(model, loss_fn, groups, dataset, cfg.train, tracker,
+                                 ckpt_dir=ckpt_dir, resume=resume, resume_key=key,
+                                 seed=args.seed, device=device, config=to_dict(cfg),
+                                 evaluate=validator)
+        finally:
+            if validator is not None:
+                validator.close()
         kind = "autoencoder" if stage == 0 else "policy"
         arch = model.arch
         out_meta = {"data": meta, "stage": stage, "obs_keys": obs_keys or [],
@@ -162,7 +244,11 @@ def run_stage(stage: int, cfg, files: list[Path], out: Path, metrics_out: Path, 
                     "task_names": meta["tasks"],
                     "action_dim": dataset.action_dim, "steps": summary["steps"]}
         if stage == 2:
-            out_meta = {**prev["meta"], **out_meta}
+            # a stage-1 selection is not this stage's
+            out_meta = {**{k: v for k, v in prev["meta"].items() if k != "selected_step"},
+                        **out_meta}
+        if "selected_step" in summary:  # select: best_validation; model holds those weights
+            out_meta["selected_step"] = int(summary["selected_step"])
         ckpt.save(out, {"kind": kind, "arch": arch, "meta": out_meta,
                         "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}})
         tracker.export_metrics(metrics_out)
