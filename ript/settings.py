@@ -30,7 +30,10 @@ class OptimConfig:
     lr_min: float = 1e-5
     """Cosine schedule floor."""
     weight_decay: float = 1e-4
-    """AdamW weight decay on Linear/Conv weights only."""
+    """AdamW weight decay, on the weights `decay` selects (never biases, norms, embeddings)."""
+    decay: Literal["linear", "all_weights"] = "linear"
+    """Which weights decay: Linear/Conv weights only, or every weight that is not a norm's or
+    an embedding's (QueST's `separate_no_decay`; adds the autoencoder's attention in_proj)."""
     grad_clip: float = 100.0
     """Global gradient-norm clip."""
     checkpoint_every: int = 200
@@ -96,6 +99,16 @@ class AutoencoderConfig:
     """Requested codebook size; FSQ maps it to levels (1024 → [8,5,5,5] = 1000 codes)."""
     fsq_levels: list[int] | None = None
     """Explicit FSQ levels (overrides codebook_size for FSQ)."""
+    commitment_weight: float = 0.25
+    """VQ only: weight of the commitment loss (QueST: the library's default, 1.0)."""
+    codebook_dim: int | None = None
+    """VQ only: codebook width, projected from d_model (None = d_model; QueST: 512)."""
+    causal_norm: bool = True
+    """GroupNorm in the encoder's conv stack with running (causal) statistics, so a token never
+    sees later actions; false = GroupNorm over the whole chunk, as QueST (spec §3.2)."""
+    mask_padding: bool = True
+    """Average the L1 over real steps only; false = over all T steps, padded repeats of a demo's
+    last action included, as the original (spec §3.5)."""
     train: OptimConfig = field(default_factory=OptimConfig)
     """Optimisation settings of stage 0."""
 
@@ -109,8 +122,11 @@ class AutoencoderConfig:
                 f"({self.downsample}): each token must cover a whole number of actions")
 
     def arch(self, action_dim: int) -> dict:
+        """SkillVAE's constructor arguments (its `arch`, stored in model files)."""
         d = to_dict(self)
-        d.pop("train")
+        for training_only in ("train", "mask_padding"):
+            d.pop(training_only)
+        d["strict_causal"] = d.pop("causal_norm")  # the model's (and old model files') name
         return {"action_dim": action_dim, **d}
 
 
@@ -160,6 +176,12 @@ class FinetuneConfig:
     """Run stage 2 between the prior and RIPT (QueST's few-shot recipe)."""
     l1_weight: float = 10.0
     """λ: weight of the L1 between decoded sampled tokens and the demo actions."""
+    mask_padding: bool = True
+    """Average that L1 over real steps only; false = over all T steps, padded repeats included,
+    as the original (spec §3.5, §4.5)."""
+    train_output_head: bool = True
+    """Also train the decoder's output layer (Linear d_model → A); false = only the decoder's
+    transformer, as QueST, whose `action_head` sits outside `autoencoder.decoder` (spec §4.5)."""
     train: OptimConfig = field(default_factory=OptimConfig)
     """Optimisation settings of stage 2."""
 

@@ -52,18 +52,21 @@ def ran_config(proc) -> dict:
 
 
 def merged(*configfiles: str) -> dict:
-    """The files layered as Snakemake layers --configfile files (nested blocks merged)."""
+    """The files layered as Snakemake layers --configfile files (nested blocks merged, at any
+    depth: config/original.yaml sets single keys of `train` blocks)."""
+    def layer(base: dict, top: dict) -> dict:
+        return {**base, **{k: layer(base[k], v) if isinstance(v, dict)
+                           and isinstance(base.get(k), dict) else v for k, v in top.items()}}
+
     out: dict = {}
     for c in configfiles:
-        for k, v in yaml.safe_load((REPO / "config" / c).read_text()).items():
-            out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) \
-                else v
+        out = layer(out, yaml.safe_load((REPO / "config" / c).read_text()))
     return out
 
 
 def test_every_preset_is_listed():
     found = {p.stem for p in (REPO / "config").glob("*.yaml")}
-    assert found - {"config", "tests", "paper"} == set(PRESETS)
+    assert found - {"config", "tests", "paper", "original"} == set(PRESETS)
 
 
 @needs_libero
@@ -99,6 +102,29 @@ def test_paper_variant_changes_k_and_results_folder(preset, repo):
     assert '"group_size":16' in text and '"minibatch_episodes":24' in text
     assert f"results/{preset}-paper/ript/model.pt" in text
     assert ran_config(out) == resolve(merged(f"{preset}.yaml", "paper.yaml"))
+
+
+@needs_libero
+@pytest.mark.parametrize("preset", ["libero_goal", "metaworld_ml45_5shot"])
+def test_original_overlay_sets_every_parity_switch(preset, repo):
+    """config/original.yaml (issue #17) turns each deviation switch to the original's value, and
+    the stages receive them in their --config JSON; the preset's own values stay."""
+    out = dry_run(repo, f"{preset}.yaml", "original.yaml")
+    text = out.stdout + out.stderr
+    ae = re.search(r"ript\.train\.sft --stage 0 .*?--config '(\{.*?\})'", text).group(1)
+    ae = json.loads(ae)
+    assert (ae["causal_norm"], ae["mask_padding"], ae["train"]["decay"]) == \
+        (False, False, "all_weights")
+    assert ae["commitment_weight"] == 1.0 and ae["codebook_dim"] == 512
+    assert ae["train"]["batch_size"] == 256  # one key of the preset's train block replaced
+    if PRESETS[preset][3]:
+        ft = json.loads(re.search(r"ript\.train\.sft --stage 2 .*?--config '(\{.*?\})'",
+                                  text).group(1))
+        assert (ft["mask_padding"], ft["train_output_head"], ft["train"]["decay"]) == \
+            (False, False, "all_weights")
+    assert '"legacy_reset":true' in text
+    assert f"results/{preset}-original/ript/model.pt" in text
+    assert ran_config(out) == resolve(merged(f"{preset}.yaml", "original.yaml"))
 
 
 def test_no_configfile_runs_the_embedded_default(repo):

@@ -253,3 +253,95 @@ def test_few_shot_stage_2_on_tasks_the_prior_never_saw(demos, stage0, tmp_path):
         _task_id(policy, None, "push-v3")
     table = policy.obs_encoder.task_embeddings
     assert torch.equal(table[1], torch.as_tensor(np.load(emb[1])["embeddings"][0]))
+
+
+# --- weight-decay groups (spec §3.5; train.decay) --------------------------------------------
+_AE_LINEAR = {  # Linear/Conv weights of the tiny SkillVAE (1 encoder, 1 decoder layer)
+    "encoder.action_proj.weight", "encoder.convs.0.0.conv.weight", "encoder.convs.1.0.conv.weight",
+    "encoder.transformer.layers.0.self_attn.out_proj.weight",
+    "encoder.transformer.layers.0.linear1.weight", "encoder.transformer.layers.0.linear2.weight",
+    "quantizer.project_in.weight", "quantizer.project_out.weight",
+    "decoder.transformer.layers.0.self_attn.out_proj.weight",
+    "decoder.transformer.layers.0.multihead_attn.out_proj.weight",
+    "decoder.transformer.layers.0.linear1.weight", "decoder.transformer.layers.0.linear2.weight",
+    "decoder.head.weight"}
+_AE_IN_PROJ = {  # nn.MultiheadAttention's fused q/k/v weights: QueST decays them, "linear" not
+    "encoder.transformer.layers.0.self_attn.in_proj_weight",
+    "decoder.transformer.layers.0.self_attn.in_proj_weight",
+    "decoder.transformer.layers.0.multihead_attn.in_proj_weight"}
+_PRIOR_DECAYED = {"blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight",
+                  "blocks.0.mlp.0.weight", "blocks.0.mlp.2.weight", "head.weight"}
+
+
+def _decayed(module, mode, named=None):
+    from ript.train.loop import decay_groups
+
+    named = list(module.named_parameters()) if named is None else named
+    decay, other = decay_groups(module, named, 0.1, mode)
+    assert decay["weight_decay"] == 0.1 and other["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(other["params"]) == len(named)
+    ids = {id(p) for p in decay["params"]}
+    return {n for n, p in named if id(p) in ids}
+
+
+@pytest.mark.parametrize("mode,extra", [("linear", set()), ("all_weights", _AE_IN_PROJ)])
+def test_decay_groups_autoencoder(mode, extra):
+    """Biases and GroupNorm/LayerNorm weights never decay; the modes differ by in_proj only."""
+    from conftest import tiny_quest_parts
+
+    vae, _, _ = tiny_quest_parts()
+    assert _decayed(vae, mode) == _AE_LINEAR | extra
+
+
+@pytest.mark.parametrize("mode", ["linear", "all_weights"])
+def test_decay_groups_prior_and_encoder_agree_in_both_modes(mode):
+    """The prior's attention is Linear layers and its token table an Embedding, so both modes
+    (and RIPT's optimiser, which keeps "linear") decay exactly these weights."""
+    from conftest import tiny_quest_parts
+
+    _, enc, prior = tiny_quest_parts()
+    assert _decayed(prior, mode) == _PRIOR_DECAYED
+    assert _decayed(enc, mode) == {n for n, _ in enc.named_parameters()
+                                   if n.endswith("weight") and "task_encoder" not in n}
+
+
+def test_decay_groups_stage2_subset_and_bad_mode():
+    """Only the parameters handed in are grouped (stage 2: the prior + the decoder)."""
+    from conftest import tiny_quest_parts
+    from ript.models import QuestPolicy
+    from ript.train.loop import decay_groups
+
+    policy = QuestPolicy(*tiny_quest_parts())
+    named = policy.trainable_parameters(2)
+    got = _decayed(policy, "all_weights", named)
+    assert got == ({f"autoencoder.{n}" for n in _AE_LINEAR | _AE_IN_PROJ
+                    if n.startswith("decoder.")} | {f"prior.{n}" for n in _PRIOR_DECAYED}
+                   | {n for n, _ in named if n.startswith("obs_encoder.")
+                      and n.endswith("weight") and "task_encoder" not in n})
+    with pytest.raises(ValueError, match="decay mode"):
+        decay_groups(policy, named, 0.1, "everything")
+
+
+def test_parity_switches_reach_the_stages(demos, stage0, tmp_path, monkeypatch):
+    """The original's settings through the real CLI: GroupNorm over the chunk, unmasked L1,
+    QueST's decay groups, and a stage 2 that leaves the decoder's output layer frozen."""
+    import ript.train.sft as sft
+
+    modes = []
+    real = sft.decay_groups
+    monkeypatch.setattr(sft, "decay_groups",
+                        lambda m, named, wd, mode: modes.append(mode) or real(m, named, wd, mode))
+    ae = tmp_path / "ae.pt"
+    main(_cli(0, demos, ae, {**TINY_AE, "causal_norm": False, "mask_padding": False,
+                             "train": _train(2, decay="all_weights")}))
+    assert ckpt.load(ae)["arch"]["strict_causal"] is False
+    s1 = tmp_path / "s1.pt"
+    main(_cli(1, demos, s1, {**TINY_PRIOR, "train": _train(2)}, init=stage0))
+    s2 = tmp_path / "s2.pt"
+    main(_cli(2, demos, s2, {"enabled": True, "mask_padding": False, "train_output_head": False,
+                             "train": _train(3, decay="all_weights")}, init=s1))
+    assert modes == ["all_weights", "linear", "all_weights"]
+    before, after = ckpt.load(s1)["state_dict"], ckpt.load(s2)["state_dict"]
+    changed = {k for k in before if k.startswith("autoencoder.")
+               and not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("autoencoder.decoder.transformer.") for k in changed)

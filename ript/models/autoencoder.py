@@ -145,9 +145,13 @@ class SkillDecoder(nn.Module):
 class SkillVAE(nn.Module):
     """Action chunk autoencoder with a discrete bottleneck (spec §3).
 
-    ``strict_causal`` (default True) uses running GroupNorm statistics in the conv stack so that
-    token j depends only on actions 0..F*j; False uses GroupNorm over the whole chunk like the
-    original, which lets every used action influence every token (see ``CausalGroupNorm``).
+    ``strict_causal`` (default True; config key ``autoencoder.causal_norm``) uses running
+    GroupNorm statistics in the conv stack so that token j depends only on actions 0..F*j; False
+    uses GroupNorm over the whole chunk like the original (QueST's ``Conv1dBlock``), which lets
+    every used action influence every token (see ``CausalGroupNorm``).
+
+    ``commitment_weight`` and ``codebook_dim`` only matter for the VQ ablation; QueST left the
+    library's commitment weight (1.0) and projected to a 512-d codebook.
 
     Submodule names matter: ``encoder`` and ``quantizer`` are frozen in stage 2, ``decoder`` is
     not (spec §4.5); the policy selects parameters by these prefixes.
@@ -169,6 +173,7 @@ class SkillVAE(nn.Module):
         fsq_levels: list[int] | None = None,
         commitment_weight: float = 0.25,
         strict_causal: bool = True,
+        codebook_dim: int | None = None,
     ):
         super().__init__()
         if downsample < 2 or downsample & (downsample - 1):
@@ -197,6 +202,7 @@ class SkillVAE(nn.Module):
             "codebook_size": codebook_size,
             "fsq_levels": list(fsq_levels) if fsq_levels is not None else None,
             "commitment_weight": commitment_weight, "strict_causal": strict_causal,
+            "codebook_dim": codebook_dim,
         }
         self.action_dim = action_dim
         self.chunk_size = chunk_size
@@ -209,8 +215,10 @@ class SkillVAE(nn.Module):
             self.quantizer = FSQ(list(fsq_levels), dim=d_model)
             self._vocab = int(math.prod(fsq_levels))
         else:
+            # codebook_dim None: codes live in d_model (no projection); QueST used 512 (§3.1).
             self.quantizer = VectorQuantize(
-                dim=d_model, codebook_size=codebook_size, commitment_weight=commitment_weight
+                dim=d_model, codebook_size=codebook_size, commitment_weight=commitment_weight,
+                codebook_dim=codebook_dim,
             )
             self._vocab = int(codebook_size)
         self.decoder = SkillDecoder(action_dim, chunk_size, d_model, dec_layers, heads, ffn,
@@ -267,7 +275,8 @@ class SkillVAE(nn.Module):
     def loss(self, actions: Tensor, pad_mask: Tensor | None = None) -> tuple[Tensor, dict]:
         """Stage-0 objective (spec §3.5): mean L1 reconstruction (+ VQ commitment).
 
-        ``pad_mask`` (B, T) bool, True = real step, restricts the L1 to real steps.
+        ``pad_mask`` (B, T) bool, True = real step, restricts the L1 to real steps; None averages
+        over all T steps, padded repeats of the last action included, as the original (§3.2).
         Metrics: loss, recon_l1, aux_loss, codebook_usage (fraction of the vocabulary used in the
         batch, "pp"), codebook_usage_sample (mean fraction of distinct codes per sequence).
         """
@@ -284,7 +293,11 @@ class SkillVAE(nn.Module):
 
 
 def masked_l1(pred: Tensor, target: Tensor, pad_mask: Tensor | None = None) -> Tensor:
-    """Element-wise L1 mean over (B, T, A); with ``pad_mask`` (B, T) only over real steps."""
+    """Element-wise L1 mean over (B, T, A); with ``pad_mask`` (B, T) only over real steps.
+
+    Without a mask a window near a demo's end weights its padded repeats of the last action like
+    real steps (the original's ``L1Loss``, spec §3.5); with it each real step counts once.
+    """
     err = (pred - target).abs()
     if pad_mask is None:
         return err.mean()

@@ -1,7 +1,8 @@
 """QuestPolicy: ObsEncoder + SkillGPT + SkillVAE with an action queue (spec §4, §5.3, §10).
 
 Stage losses (0: autoencoder, 1: prior, 2: prior + decoder fine-tuning), parameter selection per
-stage, the AdamW decay split, and chunked acting with per-env action queues.
+stage, and chunked acting with per-env action queues. The AdamW decay split is
+``ript.train.loop.decay_groups``.
 """
 
 from __future__ import annotations
@@ -195,19 +196,20 @@ class QuestPolicy(nn.Module):
     # ------------------------------------------------------------------ training
 
     def stage_loss(self, batch: dict, stage: int, l1_weight: float = 0.0,
-                   monitor_l1: bool = False) -> tuple[Tensor, dict]:
+                   monitor_l1: bool = False, mask_padding: bool = True) -> tuple[Tensor, dict]:
         """Training loss for QueST stage 0, 1 or 2 (spec §3.5, §4.2, §4.5).
 
         batch: actions (B, T, A) float, obs {key: (B, ...)}, task_id (B,) long (an index into
         the encoder's task vocabulary), optional pad_mask (B, T) bool (True = real step; masks
-        the L1 terms).
+        the L1 terms unless ``mask_padding`` is False, which averages them over all T steps,
+        padded repeats included, as the original, spec §3.5).
         Stage 2 adds ``l1_weight`` * L1(decoder(z_hat), actions) with z_hat sampled per position
         from the prior's full teacher-forced softmax (no gradient through the sampling).
         ``monitor_l1`` computes that L1 as a metric in stage 1 too, without a graph (spec §8 B9).
         NaNs are propagated, never masked.
         """
         actions = batch["actions"]
-        pad_mask = batch.get("pad_mask")
+        pad_mask = batch.get("pad_mask") if mask_padding else None
         if stage == 0:
             return self.autoencoder.loss(actions, pad_mask)
         if stage not in (1, 2):
@@ -240,17 +242,23 @@ class QuestPolicy(nn.Module):
         metrics["loss"] = loss.item()
         return loss, metrics
 
-    def trainable_parameters(self, stage: int | str) -> list[tuple[str, nn.Parameter]]:
+    def trainable_parameters(self, stage: int | str, train_output_head: bool = True
+                             ) -> list[tuple[str, nn.Parameter]]:
         """Named parameters updated in ``stage`` (spec §1, §4.3, §4.5, §5.7).
 
         0: autoencoder only; 1: everything but the autoencoder; 2: as 1 plus the autoencoder
-        decoder (encoder and quantiser stay frozen); "rl": the prior only.
+        decoder (encoder and quantiser stay frozen), whose output layer only with
+        ``train_output_head`` (QueST's stage 2 leaves its ``action_head`` frozen);
+        "rl": the prior only.
         """
+        frozen_in_2 = ("autoencoder.encoder.", "autoencoder.quantizer.")
+        if not train_output_head:
+            frozen_in_2 += ("autoencoder.decoder.head.",)
         # (prefixes a name must start with, prefixes it must not start with)
         rules = {
             0: (("autoencoder.",), ()),
             1: (("",), ("autoencoder.",)),
-            2: (("",), ("autoencoder.encoder.", "autoencoder.quantizer.")),
+            2: (("",), frozen_in_2),
             "rl": (("prior.",), ()),
         }
         if stage not in rules:
@@ -266,28 +274,18 @@ class QuestPolicy(nn.Module):
         """RIPT updates only the prior; contexts are cached so encoders cannot change (§5.7)."""
         return self.trainable_parameters("rl")
 
-    def freeze_for_stage(self, stage: int | str) -> None:
-        """Set requires_grad so that only ``trainable_parameters(stage)`` get gradients."""
-        keep = {id(p) for _, p in self.trainable_parameters(stage)}
+    def freeze_for_stage(self, stage: int | str, train_output_head: bool = True) -> None:
+        """Set requires_grad so that only ``trainable_parameters(stage, ...)`` get gradients."""
+        keep = {id(p) for _, p in self.trainable_parameters(stage, train_output_head)}
         for p in self.parameters():
             p.requires_grad_(id(p) in keep)
 
-    def param_groups(self, named_params, weight_decay: float) -> list[dict]:
-        """AdamW groups (spec §3.5): decay only Linear/Conv (and attention projection) weights;
-        no decay for biases, norm weights, embeddings, codebooks."""
-        decay_ids = set()
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-                decay_ids.add(id(module.weight))
-            elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
-                decay_ids.add(id(module.in_proj_weight))
-        decay, no_decay = [], []
-        for _, p in named_params:
-            (decay if id(p) in decay_ids else no_decay).append(p)
-        return [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+    def param_groups(self, named_params, weight_decay: float, mode: str = "linear"
+                     ) -> list[dict]:
+        """AdamW groups of ``named_params``: the training loop's ``decay_groups`` (one rule)."""
+        from ript.train.loop import decay_groups
+
+        return decay_groups(self, named_params, weight_decay, mode)
 
 
 def _as_tensor(x) -> Tensor:

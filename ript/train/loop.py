@@ -22,11 +22,28 @@ def gpu_memory(device: torch.device) -> dict[str, float]:
     return {"gpu_mem_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20}
 
 
-def decay_groups(module: torch.nn.Module, named_params, weight_decay: float) -> list[dict]:
-    """AdamW groups (spec §3.5): decay on Linear/Conv weights only; no decay on biases, norms,
-    embeddings."""
-    decay_ids = {id(m.weight) for m in module.modules()
-                 if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d))}
+# Modules whose weights never decay in QueST's `separate_no_decay` (spec §3.5).
+_NO_DECAY_MODULES = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.Embedding,
+                     torch.nn.modules.batchnorm._BatchNorm)
+
+
+def decay_groups(module: torch.nn.Module, named_params, weight_decay: float,
+                 mode: str = "linear") -> list[dict]:
+    """AdamW groups (spec §3.5) over ``named_params`` (those of ``module`` to optimise).
+
+    mode "linear": decay on Linear/Conv weights only. "all_weights": as QueST, every parameter
+    named ``*weight`` that is not a norm's or an embedding's, which adds nn.MultiheadAttention's
+    ``in_proj_weight`` (the autoencoder's attention); the two agree on the prior and the
+    observation encoders. Biases, norms and embeddings never decay.
+    """
+    if mode == "linear":
+        decay_ids = {id(m.weight) for m in module.modules()
+                     if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d))}
+    elif mode == "all_weights":
+        decay_ids = {id(p) for m in module.modules() if not isinstance(m, _NO_DECAY_MODULES)
+                     for n, p in m.named_parameters(recurse=False) if n.endswith("weight")}
+    else:
+        raise ValueError(f"decay mode must be 'linear' or 'all_weights', got {mode!r}")
     decay = [p for _, p in named_params if id(p) in decay_ids]
     other = [p for _, p in named_params if id(p) not in decay_ids]
     return [{"params": decay, "weight_decay": weight_decay},

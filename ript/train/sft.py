@@ -200,21 +200,23 @@ def run_stage(stage: int, cfg, files: list[Path], out: Path, metrics_out: Path, 
     model.to(device)
     if stage == 0:
         params = list(model.named_parameters())
-        groups = decay_groups(model, params, cfg.train.weight_decay)
+        groups = decay_groups(model, params, cfg.train.weight_decay, cfg.train.decay)
 
         def loss_fn(batch):
-            return model.loss(batch["actions"], batch["pad_mask"])
+            return model.loss(batch["actions"], batch["pad_mask"] if cfg.mask_padding else None)
     else:
-        model.freeze_for_stage(stage)
-        params = model.trainable_parameters(stage)
-        groups = decay_groups(model, params, cfg.train.weight_decay)
+        head = getattr(cfg, "train_output_head", True)  # stage 2's key
+        model.freeze_for_stage(stage, head)
+        params = model.trainable_parameters(stage, head)
+        groups = decay_groups(model, params, cfg.train.weight_decay, cfg.train.decay)
         l1 = getattr(cfg, "l1_weight", 0.0)
+        mask = getattr(cfg, "mask_padding", True)  # stage 2's key; stage 1 has no L1 term
 
         def loss_fn(batch):
             # QueST conditions on the current frame only (frame_stack = obs_seq_len = 1): drop
             # the dataset's frame axis so images are (B, 3, H, W) as at inference.
             batch["obs"] = {k: v[:, -1] for k, v in batch["obs"].items()}
-            return model.stage_loss(batch, stage, l1_weight=l1)
+            return model.stage_loss(batch, stage, l1_weight=l1, mask_padding=mask)
 
     ckpt_dir = out.parent / "ckpt"
     key = ckpt.resume_key(to_dict(cfg), args.seed,
