@@ -241,7 +241,7 @@ def _kill_ript_mid_run(pipeline) -> int:
         shutil.rmtree(_res(pipeline) / d)
     latest = _res(pipeline) / "ript" / "ckpt" / "latest.pt"
     proc = subprocess.Popen([str(BIN / "snakemake"), "--configfile", "config/tests.yaml"],
-                            cwd=repo, stdout=subprocess.DEVNULL,
+                            cwd=repo, stdout=subprocess.DEVNULL, start_new_session=True,
                             stderr=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONPATH": str(repo)})
     iteration, deadline = 0, time.time() + 300
@@ -250,8 +250,9 @@ def _kill_ript_mid_run(pipeline) -> int:
             time.sleep(0.02)
             if latest.exists():
                 iteration = ckpt.load(latest)["iteration"]
-        pids = subprocess.run(["pgrep", "-f", "ript[.]rl[.]ript --init"], capture_output=True,
-                              text=True).stdout.split()
+        # only this run's RIPT job: its own session (never a user's pipeline on this machine)
+        pids = subprocess.run(["pgrep", "-s", str(proc.pid), "-f", "ript[.]rl[.]ript --init"],
+                              capture_output=True, text=True).stdout.split()
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
