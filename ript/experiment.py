@@ -14,18 +14,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ript import settings as S
 from ript.config import ConfigError, from_dict, require, to_dict
-from ript.settings import PretrainConfig
 from ript.envs.benchmark import DEFAULT as DEFAULT_BENCHMARK
-
+from ript.envs.benchmark import benchmark_class, get
 
 TOP_LEVEL = {"experiment": None, "seed": 0, "variant": None}
 
 
 def blocks() -> dict[str, type]:
     """Config block → the dataclass that holds its keys and defaults."""
-    from ript import settings as S
-
     return {"language": S.LanguageConfig, "autoencoder": S.AutoencoderConfig,
             "prior": S.PriorConfig, "finetune": S.FinetuneConfig, "ript": S.RiptConfig,
             "evaluation": S.EvalConfig, "report": S.ReportConfig}
@@ -33,8 +31,6 @@ def blocks() -> dict[str, type]:
 
 def data_config_class(benchmark: str) -> type:
     """The data stage's config class of a benchmark."""
-    from ript.envs.benchmark import benchmark_class
-
     try:
         return benchmark_class(benchmark).data_config()
     except ValueError as e:
@@ -58,7 +54,7 @@ def resolve(config: dict[str, Any]) -> dict[str, Any]:
         data["benchmark"] = benchmark
     out["data"] = {"benchmark": benchmark, **to_dict(from_dict(cls, data, "data"))}
     if config.get("pretrain") is not None:
-        out["pretrain"] = to_dict(from_dict(PretrainConfig, config["pretrain"], "pretrain"))
+        out["pretrain"] = to_dict(from_dict(S.PretrainConfig, config["pretrain"], "pretrain"))
     for name, block_cls in blocks().items():
         out[name] = to_dict(from_dict(block_cls, config.get(name), name))
     check(out)
@@ -67,8 +63,6 @@ def resolve(config: dict[str, Any]) -> dict[str, Any]:
 
 def check(cfg: dict[str, Any]) -> None:
     """The checks that need more than one block (each names the key it refuses)."""
-    from ript.envs.benchmark import get
-
     data, name = cfg["data"], cfg["data"]["benchmark"]
     pretrain = cfg.get("pretrain")
     for block in ("data", "pretrain"):

@@ -13,7 +13,8 @@ import yaml
 from conftest import REPO
 from ript.data.libero_data import LiberoDataConfig
 from ript.data.metaworld_demos import DataConfig
-from ript.experiment import DEFAULT_BENCHMARK, TOP_LEVEL, PretrainConfig, blocks
+from ript.experiment import DEFAULT_BENCHMARK, TOP_LEVEL, blocks
+from ript.settings import PretrainConfig
 from ript.train.loop import OptimConfig
 
 # Rows whose default is prose, not a value (checked by hand when written).
