@@ -32,9 +32,8 @@ from ript.envs.benchmark import of_data
 from ript.envs.runner import EpisodeRecord
 from ript.policy import load_policy
 from ript.results import aggregate, save_videos, summarize, write_episodes
-from ript.utils import derived_seed, seed_everything, write_json
 from ript.settings import EvalConfig
-
+from ript.utils import derived_seed, seed_everything, write_json
 
 
 def evaluate(policy, task: str, cfg: EvalConfig, seed: int,
@@ -42,11 +41,12 @@ def evaluate(policy, task: str, cfg: EvalConfig, seed: int,
     """Run the evaluation episodes of one task; deterministic under `seed`. `meta` is the
     policy's: its data names the benchmark and its held-out contexts, `obs_spec` what the
     policy observes, `task_names` the tasks it was trained for."""
-    bench = of_data(meta.get("data"))
+    data = meta.get("data") or {}
+    bench = of_data(data)
     runner = bench.make_runner(dict(meta["obs_spec"]), cfg.n_envs, cfg.n_workers,
                                cfg.max_episode_steps, step_timeout_s=cfg.step_timeout_s,
                                legacy_reset=cfg.legacy_reset)
-    contexts = bench.eval_contexts(task, cfg.episodes_per_task, seed, meta.get("data") or {})
+    contexts = bench.eval_contexts(task, cfg.episodes_per_task, seed, data)
     with runner:
         tid = bench.task_id(task)
         return runner.run(policy, contexts, seed=derived_seed(seed, tid, 2**31),

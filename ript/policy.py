@@ -73,13 +73,11 @@ def load_policy(checkpoint: str | Path):
 
         kind = str(checkpoint).split(":", 1)[1]
         bench = of_data(None)  # the default benchmark: the one with scripted experts
-        if kind == "expert":
-            return bench.scripted_expert(), {"obs_spec": {"image": False},
-                                             "task_names": bench.one_hot_vocabulary([])}
-        if kind == "random":
-            return RandomPolicy(), {"obs_spec": {"image": False},
-                                    "task_names": bench.one_hot_vocabulary([])}
-        raise ValueError(f"unknown scripted policy {kind!r}; valid: ['expert', 'random']")
+        build = {"expert": bench.scripted_expert, "random": RandomPolicy}
+        if kind not in build:
+            raise ValueError(f"unknown scripted policy {kind!r}; valid: {sorted(build)}")
+        return build[kind](), {"obs_spec": {"image": False},
+                               "task_names": bench.one_hot_vocabulary([])}
     payload = load(checkpoint)
     if payload.get("kind") != "policy":
         raise CheckpointError(f"{checkpoint}: not a policy file (kind={payload.get('kind')!r}); "

@@ -23,10 +23,10 @@ import yaml
 
 from ript.config import from_dict
 from ript.results import read_table
+from ript.settings import ReportConfig
 from ript.stage import load_block
 from ript.tracking import read_jsonl
 from ript.utils import atomic_path, write_json
-from ript.settings import ReportConfig
 
 
 def _plt():

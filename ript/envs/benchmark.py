@@ -73,11 +73,20 @@ class Benchmark:
         raise ValueError(f"ript.contexts: {kind} exists for benchmarks with task variants only; "
                          f"{self.name} contexts are the demos' initial states (demos)")
 
+    def held_out(self, task: str, data: dict) -> list[int]:
+        """The held-out start states of `task` (variants or init-state indices), never a
+        demo's or a RIPT context's; `data` is the policy's data metadata."""
+        raise NotImplementedError
+
     def eval_contexts(self, task: str, episodes: int, seed: int,
                       data: dict) -> list[EpisodeContext]:
-        """The held-out evaluation episodes of `task` (never a demo's or a RIPT context's
-        start); deterministic under `seed`. `data` is the policy's data metadata."""
-        raise NotImplementedError
+        """The evaluation episodes of `task`: episode i starts from held-out state i mod
+        count, with its env seed derived from (seed, task id, i) (spec §6)."""
+        from ript.utils import derived_seed
+
+        tid, pool = self.task_id(task), self.held_out(task, data)
+        return [EpisodeContext(i, task, pool[i % len(pool)], derived_seed(seed, tid, i))
+                for i in range(episodes)]
 
     def scripted_expert(self):
         """A scripted expert behind the Policy interface (reference rows, tests)."""

@@ -305,15 +305,9 @@ class LiberoBenchmark(Benchmark):
     def task_id(self, task: str) -> int:
         return task_index(self.suite, task)
 
-    def eval_contexts(self, task: str, episodes: int, seed: int,
-                      data: dict) -> list[EpisodeContext]:
-        """Episode i → the benchmark's fixed init state i mod 50, in order (spec §6)."""
-        from ript.utils import derived_seed
-
-        tid = task_index(self.suite, task)
-        n = len(task_init_states(self.suite, task))
-        return [EpisodeContext(i, task, i % n, derived_seed(seed, tid, i))
-                for i in range(episodes)]
+    def held_out(self, task: str, data: dict) -> list[int]:
+        """The benchmark's fixed init states of the task, in order (spec §6)."""
+        return list(range(len(task_init_states(self.suite, task))))
 
     def factory(self, obs_spec: dict, max_episode_steps: int, *, legacy_reset: bool = False):
         return LiberoFactory(self.suite, image_size=obs_spec.get("image_size", 128),

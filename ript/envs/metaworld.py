@@ -280,16 +280,9 @@ class MetaWorldBenchmark(Benchmark):
         return [Context(i * len(train) + j, t, task_id(t), v, (), f"{t}:variant_{v}")
                 for i, t in enumerate(tasks) for j, v in enumerate(train)]
 
-    def eval_contexts(self, task: str, episodes: int, seed: int,
-                      data: dict) -> list[EpisodeContext]:
-        """Episode i → held-out variant i mod count (the policy's data held them out), env
-        seed derived from (seed, task id, i)."""
-        from ript.utils import derived_seed
-
-        tid = task_id(task)
-        pool = list(variant_split(int(data.get("eval_variants") or DEFAULT_EVAL_VARIANTS))[1])
-        return [EpisodeContext(i, task, pool[i % len(pool)], derived_seed(seed, tid, i))
-                for i in range(episodes)]
+    def held_out(self, task: str, data: dict) -> list[int]:
+        """The last `eval_variants` variants, which the policy's data held out."""
+        return list(variant_split(int(data.get("eval_variants") or DEFAULT_EVAL_VARIANTS))[1])
 
     def factory(self, obs_spec: dict, max_episode_steps: int, *, legacy_reset: bool = False):
         return MetaWorldFactory(ObsSpec(**obs_spec), max_episode_steps)

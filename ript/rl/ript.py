@@ -24,16 +24,16 @@ import torch
 from ript.config import ConfigError, from_dict, to_dict
 from ript.data.dataset import load_contexts
 from ript.envs.benchmark import of_data
+from ript.policy import load_policy, policy_payload
 from ript.rl.buffer import RolloutBuffer, cat_rows, rows, to_device
 from ript.rl.collect import ContextSampler, collect
 from ript.rl.distributed import Dist
-from ript.policy import load_policy, policy_payload
 from ript.rl.ppo import PPOConfig, ppo_update
+from ript.settings import RiptConfig
 from ript.stage import add_common_args, code_hash, load_block, setup_threads, stage_tracker
 from ript.train import checkpoint as ckpt
 from ript.train.loop import decay_groups, gpu_memory
 from ript.utils import derived_seed, progress, seed_everything
-from ript.settings import RiptConfig
 
 
 class Ript:

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ript.settings import OptimConfig
 from ript.train import checkpoint as ckpt
 from ript.utils import progress
-from ript.settings import OptimConfig
 
 
 def gpu_memory(device: torch.device) -> dict[str, float]:

@@ -25,11 +25,12 @@ from ript.data.hdf5 import file_attrs, open_file
 from ript.envs.benchmark import of_data
 from ript.envs.worker import EpisodeContext
 from ript.models import ObsEncoder, QuestPolicy, SkillGPT, SkillVAE
+from ript.policy import policy_payload
+from ript.settings import AutoencoderConfig, FinetuneConfig, OptimConfig, PriorConfig
 from ript.stage import add_common_args, code_hash, load_block, setup_threads, stage_tracker
 from ript.train import checkpoint as ckpt
 from ript.train.loop import decay_groups, train_loop
 from ript.utils import derived_seed, seed_everything
-from ript.settings import AutoencoderConfig, FinetuneConfig, OptimConfig, PriorConfig
 
 STAGE_CONFIGS = {0: AutoencoderConfig, 1: PriorConfig, 2: FinetuneConfig}
 STAGE_NAMES = {0: "autoencoder", 1: "prior", 2: "finetune"}
@@ -146,7 +147,7 @@ class Validator:
         self.tasks = list(dict.fromkeys(c.task for c in self.contexts))
         self.obs_spec = {"image": meta["image"], "image_size": meta["image_size"]}
         self.seed, self.where, self.runner = derived_seed(seed, VALIDATION_STREAM), where, None
-        self.last_records: list = []
+        self.last_records: list = []  # the latest evaluation's episodes (tests inspect them)
 
     def __call__(self, step: int) -> dict[str, float]:
         if self.runner is None:  # simulator workers only once validation is first due
@@ -239,8 +240,6 @@ def run_stage(stage: int, cfg, files: list[Path], out: Path, metrics_out: Path, 
         finally:
             if validator is not None:
                 validator.close()
-        kind = "autoencoder" if stage == 0 else "policy"
-        arch = model.arch
         out_meta = {"data": meta, "stage": stage, "obs_keys": obs_keys or [],
                     "obs_spec": {"image": meta["image"], "image_size": meta["image_size"]},
                     "task_names": meta["tasks"],
@@ -251,8 +250,9 @@ def run_stage(stage: int, cfg, files: list[Path], out: Path, metrics_out: Path, 
                         **out_meta}
         if "selected_step" in summary:  # select: best_validation; model holds those weights
             out_meta["selected_step"] = int(summary["selected_step"])
-        ckpt.save(out, {"kind": kind, "arch": arch, "meta": out_meta,
-                        "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}})
+        ckpt.save(out, policy_payload(model, out_meta) if stage else
+                  {"kind": "autoencoder", "arch": model.arch, "meta": out_meta,
+                   "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}})
         tracker.export_metrics(metrics_out)
         tracker.log_artifact(metrics_out)
         tracker.log_artifact(out)
