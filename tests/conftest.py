@@ -15,6 +15,8 @@ SNAKEFILE = REPO / "workflow" / "Snakefile"
 BIN = Path(sys.executable).parent
 
 os.environ.setdefault("MUJOCO_GL", "egl")
+# helper modules of the tests whose asserts should report like a test's
+pytest.register_assert_rewrite("mlflow_auth")
 
 
 def run_snakemake(workdir: Path, config: dict | Path, *args: str, timeout: int = 1200,
