@@ -109,3 +109,26 @@ def test_libero_runner_with_spawned_worker():
         with pytest.raises(ValueError, match="out of range"):
             r.run(RandomPolicy(7), [EpisodeContext(0, task, 50, 0)], seed=0)
     assert [(x.length, x.success, x.error) for x in recs] == [(3, False, None)] * 2
+
+
+@needs_libero
+def test_vla_observations_and_settling():
+    """The OpenVLA family's env (vla_spec §2, §3.2): 256 px renders of both cameras, the eef
+    quaternion for the 8-d proprio, and settling with the no-op action (gripper open)."""
+    from ript.envs.libero import LiberoEnv, libero_proprio, quat2axisangle, task_init_states
+
+    init = task_init_states(SUITE, 0)[0]
+    with LiberoEnv(SUITE, 0, image_size=256, vla=True) as vla, LiberoEnv(SUITE, 0) as plain:
+        obs = vla.reset(init, seed=3)
+        assert obs["agentview_rgb"].shape == obs["eye_in_hand_rgb"].shape == (256, 256, 3)
+        q = obs["ee_quat"]
+        assert q.shape == (4,) and abs(np.linalg.norm(q) - 1) < 1e-4
+        state = libero_proprio(obs["ee_pos"], q, obs["gripper_states"])
+        assert state.shape == (8,) and np.allclose(state[3:6], quat2axisangle(q))
+        # the no-op settles with the gripper open (-1), zeros leave it where it was: the
+        # fingers end wider apart after the VLA settling than after QueST's
+        ref = plain.reset(init, seed=3)
+        assert "ee_quat" not in ref
+        width = obs["gripper_states"][0] - obs["gripper_states"][1]
+        ref_width = ref["gripper_states"][0] - ref["gripper_states"][1]
+        assert width > ref_width + 1e-3, (width, ref_width)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+import numpy as np
+
 from ript.envs.worker import EpisodeContext
 
 DEFAULT = "metaworld"  # `data.benchmark` when a config or a policy's data names none
@@ -38,6 +40,9 @@ class Benchmark:
     variant_contexts: bool = False
     """RIPT may use task variants as contexts (a start state without a demonstration)."""
     needs_suite: bool = False
+    vla_observations: bool = False
+    """The env can observe what the OpenVLA family needs (obs_spec `vla`: 256 px renders of
+    both cameras, the 8-d proprio state; vla_spec §2, §3.2)."""
 
     def __init__(self, suite: str | None = None):
         self.suite = suite
@@ -60,6 +65,10 @@ class Benchmark:
     # -- tasks and contexts ---------------------------------------------------------------
     def task_id(self, task: str) -> int:
         raise NotImplementedError
+
+    def instruction(self, task: str) -> str:
+        """The task's language instruction (what a VLA is prompted with)."""
+        return task.rsplit("-v", 1)[0].replace("-", " ")
 
     def one_hot_vocabulary(self, tasks: list[str]) -> list[str]:
         """Task names of a policy's one-hot task token when no language embedding is used."""
@@ -91,6 +100,20 @@ class Benchmark:
     def scripted_expert(self):
         """A scripted expert behind the Policy interface (reference rows, tests)."""
         raise ValueError(f"{self.name} has no scripted expert")
+
+    # -- the OpenVLA family (where `vla_observations`; vla_spec §2, §3) ------------------------
+    vla_cameras: tuple[str, ...] = ()
+    """Observation keys of a VLA's images, in the model's order (third-person first)."""
+    vla_images_upside_down: bool = False
+    """The renders are upside down and a VLA sees them rotated by 180°."""
+
+    def vla_state(self, obs: dict, rows) -> np.ndarray:
+        """(n, 8) the proprio state of the slots `rows` before normalisation (OFT's token)."""
+        raise NotImplementedError
+
+    def vla_env_actions(self, actions: np.ndarray) -> np.ndarray:
+        """Un-normalised (..., 7) model actions -> the env's actions (its gripper convention)."""
+        raise NotImplementedError
 
     # -- simulation -----------------------------------------------------------------------
     def factory(self, obs_spec: dict, max_episode_steps: int, *, legacy_reset: bool = False):

@@ -32,7 +32,39 @@ CAMERAS = {"agentview": "agentview_rgb", "robot0_eye_in_hand": "eye_in_hand_rgb"
 LOWDIM = {"robot0_joint_pos": "joint_states", "robot0_eef_pos": "ee_pos",
           "robot0_gripper_qpos": "gripper_states"}  # spec §2.6 key mapping
 ACTION_DIM = 7
+# The OpenVLA family's settling action: no motion, gripper open (vla_spec §2 table); QueST's data
+# and ours settle with zeros (spec §2.6).
+VLA_NOOP = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0)
+# The originals' per-suite step limits for the OpenVLA family (vla_spec §2 table, after the 10
+# settle steps); the VLA presets set evaluation.max_episode_steps to these.
+VLA_STEP_LIMITS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300,
+                   "libero_10": 520, "libero_90": 400}
 DEFAULT_REPO = "yifengzhu-hf/LIBERO-datasets"  # what LIBERO's download script fetches
+
+
+def quat2axisangle(quat) -> np.ndarray:
+    """(..., 4) xyzw quaternions -> (..., 3) axis-angle (robosuite's rule, vla_spec §3.2): w
+    clamped to [-1, 1]; a rotation with sqrt(1 - w²) ≈ 0 (w ≈ ±1) is the zero vector."""
+    q = np.asarray(quat, np.float64)
+    w = np.clip(q[..., 3], -1.0, 1.0)
+    den = np.sqrt(1.0 - w * w)
+    small = np.isclose(den, 0.0)
+    scale = np.where(small, 0.0, 2.0 * np.arccos(w) / np.where(small, 1.0, den))
+    return q[..., :3] * scale[..., None]
+
+
+def libero_proprio(eef_pos, eef_quat, gripper_qpos) -> np.ndarray:
+    """OFT's 8-d LIBERO state: eef position, axis-angle, gripper qpos (vla_spec §3.2)."""
+    return np.concatenate([np.asarray(eef_pos, np.float64), quat2axisangle(eef_quat),
+                           np.asarray(gripper_qpos, np.float64)], axis=-1)
+
+
+def libero_gripper(actions) -> np.ndarray:
+    """The originals' LIBERO gripper rule on the last dimension (vla_spec §2): rescale [0, 1] ->
+    [-1, 1], binarise with sign (sign(0) = 0), invert (data: 0 = close; env: -1 = open)."""
+    a = np.array(actions, np.float64, copy=True)
+    a[..., -1] = -np.sign(2.0 * a[..., -1] - 1.0)
+    return a
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,10 +102,14 @@ class LiberoEnv:
     """One LIBERO task with the observation mapping and reset orders of spec §2.6."""
 
     def __init__(self, suite: str, task: str | int, image_size: int = 128, image: bool = True,
-                 settle_steps: int = 10, max_episode_steps: int = 600, upright: bool = False):
+                 settle_steps: int = 10, max_episode_steps: int = 600, upright: bool = False,
+                 vla: bool = False):
         """upright: flip both cameras vertically. Off by default: LIBERO's HDF5 demos store the
         images as rendered (upside down) and the policy must see the convention it was trained
-        on (spec §2.1)."""
+        on (spec §2.1).
+        vla: the OpenVLA family's conventions (vla_spec §2, §3.2): settle with the no-op action
+        (gripper open) and also observe the end-effector quaternion (`ee_quat`, for OFT's
+        8-d proprio state)."""
         self.suite = suite
         self.task_id = task_index(suite, task)
         spec = _suite(suite).get_task(self.task_id)
@@ -90,6 +126,7 @@ class LiberoEnv:
         self.settle_steps = settle_steps
         self.max_episode_steps = max_episode_steps
         self.upright = upright
+        self.vla = vla
         self.steps = 0
 
     def reset(self, init_state: np.ndarray, legacy_reset: bool = False,
@@ -132,9 +169,9 @@ class LiberoEnv:
         (Rendering is most of their cost, but switching the cameras off in robosuite resets their
         sampling timers, which changes later frames; not worth it for ~2 % of an episode.)
         """
-        zero = np.zeros(ACTION_DIM)
+        action = np.array(VLA_NOOP) if self.vla else np.zeros(ACTION_DIM)
         for _ in range(self.settle_steps):
-            raw, *_ = self.env.step(zero)
+            raw, *_ = self.env.step(action)
         return raw
 
     def step(self, action: np.ndarray):
@@ -154,6 +191,8 @@ class LiberoEnv:
                 obs[key] = np.ascontiguousarray(img[::-1] if self.upright else img, np.uint8)
         for src, key in LOWDIM.items():
             obs[key] = np.asarray(raw[src], dtype=np.float32)
+        if self.vla:
+            obs["ee_quat"] = np.asarray(raw["robot0_eef_quat"], dtype=np.float32)  # xyzw
         return obs
 
     def sim_state(self) -> np.ndarray:
@@ -178,11 +217,11 @@ class LiberoFactory:
 
     def __init__(self, suite: str, image_size: int = 128, image: bool = True,
                  settle_steps: int = 10, max_episode_steps: int = 600,
-                 legacy_reset: bool = False, upright: bool = False):
+                 legacy_reset: bool = False, upright: bool = False, vla: bool = False):
         _suite(suite)  # fail early on an unknown suite
         self.suite = suite
         self.kwargs = dict(image_size=image_size, image=image, settle_steps=settle_steps,
-                           max_episode_steps=max_episode_steps, upright=upright)
+                           max_episode_steps=max_episode_steps, upright=upright, vla=vla)
         self.legacy_reset = legacy_reset
 
     start_method = "spawn"  # robosuite's GL context must not be forked (spec §2.6, env notes)
@@ -285,6 +324,7 @@ class LiberoBenchmark(Benchmark):
     data_code = ("data/libero_data.py", "data/hdf5.py")
     language_embeddings = True
     needs_suite = True
+    vla_observations = True
 
     @classmethod
     def data_config(cls) -> type:
@@ -309,7 +349,22 @@ class LiberoBenchmark(Benchmark):
         """The benchmark's fixed init states of the task, in order (spec §6)."""
         return list(range(len(task_init_states(self.suite, task))))
 
+    def instruction(self, task: str) -> str:
+        return _suite(self.suite).get_task(task_index(self.suite, task)).language
+
+    # -- the OpenVLA family (vla_spec §2, §3.2) -------------------------------------------------
+    vla_cameras = ("agentview_rgb", "eye_in_hand_rgb")  # third-person first, then the wrist
+    vla_images_upside_down = True
+
+    def vla_state(self, obs: dict, rows) -> np.ndarray:
+        return libero_proprio(np.asarray(obs["ee_pos"])[rows], np.asarray(obs["ee_quat"])[rows],
+                              np.asarray(obs["gripper_states"])[rows])
+
+    def vla_env_actions(self, actions: np.ndarray) -> np.ndarray:
+        return libero_gripper(actions)
+
     def factory(self, obs_spec: dict, max_episode_steps: int, *, legacy_reset: bool = False):
         return LiberoFactory(self.suite, image_size=obs_spec.get("image_size", 128),
                              image=obs_spec.get("image", True),
-                             max_episode_steps=max_episode_steps, legacy_reset=legacy_reset)
+                             max_episode_steps=max_episode_steps, legacy_reset=legacy_reset,
+                             vla=bool(obs_spec.get("vla", False)))
