@@ -12,7 +12,8 @@ order (spec §6). Every episode has a recorded env seed derived from (seed, task
 policy samples from one seeded generator, so a rerun reproduces every episode (unlike the
 original, spec §8 B10).
 `--checkpoint scripted:expert` / `scripted:random` evaluate MetaWorld's scripted experts / uniform
-random actions (reference rows and tests).
+random actions (reference rows and tests). `--vla '{...}'` evaluates an OpenVLA-family checkpoint
+folder (`ript.vla.policy.load_vla`; LIBERO, vla_spec §2-3).
 
 Infrastructure errors (a dead or hung simulator worker, an env exception) are not policy
 failures: success is counted over the episodes that ran, the errors are reported beside it, and
@@ -95,14 +96,23 @@ def _eval_main(argv) -> dict:
     p.add_argument("--policy-name", default="policy", help="label in tables and the MLflow stage")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the policy runs (auto: CUDA when visible); simulators stay on CPU")
+    p.add_argument("--vla", default=None,
+                   help="an OpenVLA-family checkpoint: the config's `policy` block with the "
+                        "`benchmark` and `suite` it acts in (JSON); --checkpoint is then the "
+                        "checkpoint folder or its fetch manifest")
     args = p.parse_args(argv)
     block = load_block(args.config)
     cfg = from_dict(EvalConfig, block, "evaluation")
     setup_threads(args)
     seed_everything(args.seed)
     device = resolve_device(args.device)
-    policy, meta = load_policy(args.checkpoint)
-    policy = place_policy(policy, device)
+    if args.vla:
+        from ript.vla.policy import load_vla
+
+        policy, meta = load_vla(args.checkpoint, load_block(args.vla), device)
+    else:
+        policy, meta = load_policy(args.checkpoint)
+        policy = place_policy(policy, device)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     failed = {"episodes": out / "episodes.failed.csv", "summary": out / "summary.failed.json"}

@@ -26,7 +26,7 @@ def blocks() -> dict[str, type]:
     """Config block → the dataclass that holds its keys and defaults."""
     return {"language": S.LanguageConfig, "autoencoder": S.AutoencoderConfig,
             "prior": S.PriorConfig, "finetune": S.FinetuneConfig, "ript": S.RiptConfig,
-            "evaluation": S.EvalConfig, "report": S.ReportConfig}
+            "evaluation": S.EvalConfig, "report": S.ReportConfig, "policy": S.PolicyConfig}
 
 
 def data_config_class(benchmark: str) -> type:
@@ -83,6 +83,14 @@ def check(cfg: dict[str, Any]) -> None:
         value = cfg[block][field]
         require(value <= bench.step_limit, key, f"{value} is more than {name}'s episode limit "
                                                 f"of {bench.step_limit} steps")
+    family = cfg["policy"]["family"]
+    if family != "quest":
+        # A VLA acts where the env observes what it needs (vla_spec §2, §3); its stages 0-2 are
+        # the released fine-tuning, so the QueST blocks below do not apply.
+        require(bench.vla_observations, "policy.family",
+                f"{family} needs a benchmark with VLA observations (renders of both cameras, "
+                f"the 8-d proprio state); {name} has none")
+        return
     recorded = bench.observation_keys(image=data.get("image", True))
     for key in ("lowdim_keys", "rgb_keys"):
         missing = [k for k in cfg["prior"][key] if k not in recorded]

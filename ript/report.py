@@ -52,10 +52,10 @@ def load_table(path) -> tuple[dict[str, dict], dict]:
     return per_task, {k: mean[k] for k in POOLED_KEYS}
 
 
-def error_warning(sft: dict[str, dict], ript: dict[str, dict]) -> str | None:
+def error_warning(sft: dict[str, dict], ript: dict[str, dict] | None) -> str | None:
     """One line naming the evaluations whose episodes hit infrastructure errors, if any."""
     bad = [f"{name} {t}: {s['errors']} of {s['episodes']}"
-           for name, res in (("SFT", sft), ("RIPT", ript))
+           for name, res in (("SFT", sft), ("RIPT", ript or {}))
            for t, s in res.items() if s.get("errors", 0)]
     if not bad:
         return None
@@ -63,14 +63,16 @@ def error_warning(sft: dict[str, dict], ript: dict[str, dict]) -> str | None:
             "(success is over the episodes that ran): " + "; ".join(bad) + ".")
 
 
-def bar_chart(sft: dict, ript: dict, pooled: dict, out: Path, dpi: int) -> None:
-    """`pooled`: {"SFT": mean row, "RIPT": mean row}, the last pair of bars."""
+def bar_chart(sft: dict, ript: dict | None, pooled: dict, out: Path, dpi: int) -> None:
+    """`pooled`: {"SFT": mean row, "RIPT": mean row}, the last pair of bars. Without RIPT (a
+    VLA checkpoint evaluated as released) one bar per task."""
     plt = _plt()
     tasks = list(sft)
     fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(tasks) + 2), 3.6))
-    width = 0.38
-    for i, (name, res, color) in enumerate([("SFT", sft, "#8c8c8c"), ("RIPT", ript, "#d62728")]):
-        xs = [j + (i - 0.5) * width for j in range(len(tasks) + 1)]
+    policies = [("SFT", sft, "#8c8c8c")] + ([("RIPT", ript, "#d62728")] if ript else [])
+    width = 0.76 / len(policies)
+    for i, (name, res, color) in enumerate(policies):
+        xs = [j + (i - (len(policies) - 1) / 2) * width for j in range(len(tasks) + 1)]
         vals = [res[t]["success_rate"] for t in tasks] + [pooled[name]["success_rate"]]
         lows = [res[t]["wilson_low"] for t in tasks] + [pooled[name]["wilson_low"]]
         highs = [res[t]["wilson_high"] for t in tasks] + [pooled[name]["wilson_high"]]
@@ -83,7 +85,8 @@ def bar_chart(sft: dict, ript: dict, pooled: dict, out: Path, dpi: int) -> None:
     ax.set_ylabel("held-out success (%)")
     ax.set_ylim(0, 105)
     ax.legend(loc="upper left")
-    ax.set_title("Success before and after RIPT (95 % Wilson intervals)")
+    ax.set_title("Success before and after RIPT (95 % Wilson intervals)" if ript else
+                 "Held-out success (95 % Wilson intervals)")
     fig.tight_layout()
     fig.savefig(out, dpi=dpi)
     plt.close(fig)
@@ -179,30 +182,36 @@ def wall_clock(times: list[JobTime]) -> float | None:
 
 def build(cfg: ReportConfig, *, sft_table, ript_table, ript_metrics, stage_metrics,
           bench_dir, full_config, out_dir: Path) -> dict:
+    """Without `ript_table` (a VLA checkpoint evaluated as released, no RIPT yet) the page shows
+    the one policy; without stage metrics (no supervised stage ran) it has no loss figure."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (sft, ps), (ript, pr) = load_table(sft_table), load_table(ript_table)
-    if set(sft) != set(ript):
+    sft, ps = load_table(sft_table)
+    ript, pr = load_table(ript_table) if ript_table else (None, None)
+    if ript is not None and set(sft) != set(ript):
         raise ValueError(f"SFT and RIPT were evaluated on different tasks: {sorted(sft)} vs "
                          f"{sorted(ript)}")
     bar_chart(sft, ript, {"SFT": ps, "RIPT": pr}, out_dir / "success.png", cfg.dpi)
-    rl_rows = read_jsonl(ript_metrics)
-    curves(rl_rows, [("success", ["train_success", "eval_success"]),
-                     ("groups per iteration", ["groups_kept", "groups_rejected"]),
-                     ("PPO", ["clip_frac", "ratio_mean"])],
-           out_dir / "ript_curves.png", cfg.dpi, "RIPT iteration")
-    stage_rows = {Path(p).parent.name: read_jsonl(p) for p in stage_metrics}
-    stage_curves(stage_rows, out_dir / "sft_losses.png", cfg.dpi)
+    if ript_metrics:
+        curves(read_jsonl(ript_metrics),
+               [("success", ["train_success", "eval_success"]),
+                ("groups per iteration", ["groups_kept", "groups_rejected"]),
+                ("PPO", ["clip_frac", "ratio_mean"])],
+               out_dir / "ript_curves.png", cfg.dpi, "RIPT iteration")
+    stage_rows = {Path(p).parent.name: read_jsonl(p) for p in stage_metrics or []}
+    if stage_rows:
+        stage_curves(stage_rows, out_dir / "sft_losses.png", cfg.dpi)
     times = job_times(Path(bench_dir))
-    lift = 100 * (pr["success_rate"] - ps["success_rate"])
+    lift = 100 * (pr["success_rate"] - ps["success_rate"]) if ript else None
     summary = {"sft": ps, "ript": pr, "lift_points": lift,
-               "tasks": {t: {"sft": sft[t]["success_rate"], "ript": ript[t]["success_rate"]}
-                         for t in sft},
+               "tasks": {t: {"sft": sft[t]["success_rate"],
+                             "ript": ript[t]["success_rate"] if ript else None} for t in sft},
                "wall_seconds": {t.job: t.seconds for t in times},
                # the jobs' times added up (what they cost together), not the time the pipeline took
                "total_wall_seconds": sum(t.seconds for t in times),
                "wall_clock_seconds": wall_clock(times)}
     write_json(out_dir / "summary.json", summary)
-    _write_pages(cfg, out_dir, sft, ript, ps, pr, summary, times, full_config)
+    _write_pages(cfg, out_dir, sft, ript, ps, pr, summary, times, full_config,
+                 curves=bool(ript_metrics), losses=bool(stage_rows))
     return summary
 
 
@@ -226,26 +235,37 @@ td:first-child,th:first-child{text-align:left}
 pre{white-space:pre-wrap;overflow-wrap:anywhere}"""
 
 
-def _write_pages(cfg, out_dir, sft, ript, ps, pr, summary, times, full_config) -> None:
-    rows = [(t, _fmt(sft[t]), _fmt(ript[t]),
-             f"{100 * (ript[t]['success_rate'] - sft[t]['success_rate']):+.1f}",
-             sft[t]["episodes"], f"{sft[t].get('errors', 0)} / {ript[t].get('errors', 0)}")
-            for t in sft]
-    rows.append(("mean", _fmt(ps), _fmt(pr), f"{summary['lift_points']:+.1f}",
-                 ps["episodes"], f"{ps['errors']} / {pr['errors']}"))
+def _write_pages(cfg, out_dir, sft, ript, ps, pr, summary, times, full_config, *,
+                 curves: bool = True, losses: bool = True) -> None:
+    if ript:
+        header = ["task", "SFT [95 % CI]", "RIPT [95 % CI]", "Δ (points)", "episodes",
+                  "errors (SFT / RIPT)"]
+        rows = [(t, _fmt(sft[t]), _fmt(ript[t]),
+                 f"{100 * (ript[t]['success_rate'] - sft[t]['success_rate']):+.1f}",
+                 sft[t]["episodes"], f"{sft[t].get('errors', 0)} / {ript[t].get('errors', 0)}")
+                for t in sft]
+        rows.append(("mean", _fmt(ps), _fmt(pr), f"{summary['lift_points']:+.1f}",
+                     ps["episodes"], f"{ps['errors']} / {pr['errors']}"))
+        headline = (f"Held-out success: SFT {100 * ps['success_rate']:.1f} % → RIPT "
+                    f"{100 * pr['success_rate']:.1f} % ({summary['lift_points']:+.1f} points).")
+    else:
+        header = ["task", "success [95 % CI]", "episodes", "errors"]
+        rows = [(t, _fmt(sft[t]), sft[t]["episodes"], sft[t].get("errors", 0)) for t in sft]
+        rows.append(("mean", _fmt(ps), ps["episodes"], ps["errors"]))
+        headline = f"Held-out success: {100 * ps['success_rate']:.1f} %."
     totals = [("total (sum of the job times)", f"{summary['total_wall_seconds']:.1f}"),
               ("wall clock (first job start to last job end)",
                _clock_text(summary["wall_clock_seconds"]))]
     warning = error_warning(sft, ript)
-    md = [f"# {cfg.title}", "", *([f"**{warning}**", ""] if warning else []),
-          f"Held-out success: SFT {100 * ps['success_rate']:.1f} % → RIPT "
-          f"{100 * pr['success_rate']:.1f} % ({summary['lift_points']:+.1f} points).", "",
-          "| task | SFT | RIPT | Δ (points) | episodes | errors (SFT / RIPT) |",
-          "|---|---|---|---|---|---|"]
+    sections = ([("RIPT", "ript_curves.png", "RIPT curves")] if curves else []) + \
+        ([("Supervised stages", "sft_losses.png", "stage losses")] if losses else [])
+    md = [f"# {cfg.title}", "", *([f"**{warning}**", ""] if warning else []), headline, "",
+          "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += [f"| {' | '.join(str(c) for c in r)} |" for r in rows]
-    md += ["", "![success](success.png)", "", "## RIPT", "", "![ript](ript_curves.png)", "",
-           "## Supervised stages", "", "![losses](sft_losses.png)", "", "## Wall time", "",
-           "| job | seconds |", "|---|---|"]
+    md += ["", "![success](success.png)", ""]
+    for title, src, alt in sections:
+        md += [f"## {title}", "", f"![{alt}]({src})", ""]
+    md += ["## Wall time", "", "| job | seconds |", "|---|---|"]
     md += [f"| {t.job} | {t.seconds:.1f} |" for t in times]
     md += [f"| **{label}** | {value} |" for label, value in totals]
     md += ["", "## Config", "", "```yaml", yaml.safe_dump(full_config, sort_keys=False).rstrip(),
@@ -269,19 +289,19 @@ def _write_pages(cfg, out_dir, sft, ript, ps, pr, summary, times, full_config) -
         return (f'<p><a href="{src}"><img src="data:image/png;base64,{data}" '
                 f'alt="{alt}"></a></p>')
 
+    head_html = "".join(f"<th>{esc(h)}</th>" for h in header)
+    sections_html = "\n".join(f"<h2>{esc(title)}</h2>{figure(src, alt)}"
+                              for title, src, alt in sections)
     page = f"""<!doctype html><html><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{esc(cfg.title)}</title>
 <style>{CSS}</style>
 </head><body><h1>{esc(cfg.title)}</h1>
 {warning_html}
-<p>Held-out success: SFT <b>{100 * ps['success_rate']:.1f} %</b> → RIPT
-<b>{100 * pr['success_rate']:.1f} %</b> ({summary['lift_points']:+.1f} points).</p>
-<div class="scroll"><table><tr><th>task</th><th>SFT [95 % CI]</th><th>RIPT [95 % CI]</th>
-<th>Δ (points)</th><th>episodes</th><th>errors (SFT / RIPT)</th></tr>{table}</table></div>
+<p>{esc(headline)}</p>
+<div class="scroll"><table><tr>{head_html}</tr>{table}</table></div>
 {figure("success.png", "success per task")}
-<h2>RIPT</h2>{figure("ript_curves.png", "RIPT curves")}
-<h2>Supervised stages</h2>{figure("sft_losses.png", "stage losses")}
+{sections_html}
 <h2>Wall time</h2><div class="scroll"><table><tr><th>job</th><th>seconds</th></tr>{times_html}
 </table></div>
 <h2>Config</h2><pre>{esc(yaml.safe_dump(full_config, sort_keys=False))}</pre></body></html>
@@ -295,9 +315,9 @@ def main(argv=None) -> None:
     p.add_argument("--config", required=True, help="the `report` block (JSON or @file)")
     p.add_argument("--full-config", required=True, help="the whole experiment config (JSON)")
     p.add_argument("--sft-table", required=True, help="the SFT policy's table.csv")
-    p.add_argument("--ript-table", required=True, help="the RIPT policy's table.csv")
-    p.add_argument("--ript-metrics", required=True)
-    p.add_argument("--stage-metrics", nargs="+", required=True)
+    p.add_argument("--ript-table", help="the RIPT policy's table.csv (absent: no RIPT ran)")
+    p.add_argument("--ript-metrics")
+    p.add_argument("--stage-metrics", nargs="*", default=[])
     p.add_argument("--benchmarks", required=True, help="Snakemake benchmark folder")
     p.add_argument("--out-dir", required=True)
     a = p.parse_args(argv)

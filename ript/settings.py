@@ -284,6 +284,50 @@ class EvalConfig:
                 "must be in [0, 1]")
 
 
+FAMILIES = ("quest", "openvla", "openvla_oft")
+
+
+@dataclass
+class PolicyConfig:
+    """Block `policy`: the policy family. QueST is trained by stages 0-2; an OpenVLA-family
+    policy is loaded from an official checkpoint folder instead (vla_spec §1, §3.6), so the DAG
+    skips stages 0-2 and evaluates it."""
+
+    family: Literal["quest", "openvla", "openvla_oft"] = "quest"
+    """quest (stages 0-2 train it), openvla (256-bin action tokens) or openvla_oft (8×7 chunks
+    from the L1 head)."""
+    checkpoint: str | None = None
+    """VLAs: local checkpoint folder in the official layout (relative to the working
+    directory). Filled from `hf_repo` when incomplete and `download` is on."""
+    hf_repo: str | None = None
+    """VLAs: Hugging Face model repo of the checkpoint, e.g.
+    moojink/openvla-7b-oft-finetuned-libero-spatial."""
+    hf_revision: str = "main"
+    """Branch, tag or commit of `hf_repo` (a commit pins the weights)."""
+    download: bool = True
+    """Download a missing or incomplete checkpoint folder; if false, it must be filled by
+    hand (the fetch stage says with which files)."""
+    unnorm_key: str | None = None
+    """Entry of the checkpoint's dataset statistics that un-normalises actions; null = the
+    suite's name, else `<suite>_no_noops` (vla_spec §2)."""
+    center_crop: bool = True
+    """Centre crop of 90 % area before the model (vla_spec §1.5; the LIBERO checkpoints were
+    trained with random crops)."""
+    decoding: Literal["full", "prefix"] = "full"
+    """OFT: "full" = OFT's single bidirectional pass; "prefix" = RIPT's cached prefix, then the
+    action suffix (prefix tokens do not see the actions; vla_spec §4.3)."""
+
+    def validate(self) -> None:
+        if self.family != "quest":
+            require(bool(self.checkpoint), "policy.checkpoint",
+                    f"{self.family} needs a local checkpoint folder (filled from policy.hf_repo "
+                    "when download is on)")
+            require(self.hf_repo is None or (self.hf_repo.count("/") == 1
+                                             and all(self.hf_repo.split("/"))),
+                    "policy.hf_repo", "must be a Hugging Face repo id, 'owner/name'")
+            require(bool(self.hf_revision), "policy.hf_revision", "must not be empty")
+
+
 @dataclass
 class ReportConfig:
     """Block `report`."""

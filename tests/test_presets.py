@@ -64,9 +64,41 @@ def merged(*configfiles: str) -> dict:
     return out
 
 
+# OpenVLA-family presets (issue #14): (family, suite, Hugging Face repo)
+VLA_PRESETS = {
+    f"{family}_libero_{cell}": (family, suite, f"{owner}/openvla-7b{oft}-finetuned-libero-{repo}")
+    for family, owner, oft in (("openvla_oft", "moojink", "-oft"), ("openvla", "openvla", ""))
+    for cell, suite, repo in (("spatial", "libero_spatial", "spatial"),
+                              ("object", "libero_object", "object"),
+                              ("goal", "libero_goal", "goal"), ("long", "libero_10", "10"))
+}
+
+
 def test_every_preset_is_listed():
     found = {p.stem for p in (REPO / "config").glob("*.yaml")}
-    assert found - {"config", "tests", "paper", "original"} == set(PRESETS)
+    assert found - {"config", "tests", "paper", "original"} == set(PRESETS) | set(VLA_PRESETS)
+
+
+@needs_libero
+@pytest.mark.parametrize("preset", sorted(VLA_PRESETS))
+def test_vla_preset_evaluates_the_checkpoint_with_the_originals_settings(preset, repo):
+    """The checkpoint replaces stages 0-2 (no QueST job), every task of the suite is evaluated
+    50 times with the suite's step limit (vla_spec §2 table), from the preset's repo."""
+    from ript.envs.libero import VLA_STEP_LIMITS
+
+    family, suite, hf_repo = VLA_PRESETS[preset]
+    proc = dry_run(repo, f"{preset}.yaml")
+    jobs = planned(proc)
+    assert jobs == {"mlflow_init": 1, "vla_checkpoint": 1, "evaluate": 10, "aggregate": 1,
+                    "report": 1}
+    cfg = ran_config(proc)
+    assert cfg["policy"]["family"] == family and cfg["policy"]["hf_repo"] == hf_repo
+    assert cfg["data"]["suite"] == suite
+    assert cfg["evaluation"]["episodes_per_task"] == 50
+    assert cfg["evaluation"]["max_episode_steps"] == VLA_STEP_LIMITS[suite]
+    out = proc.stdout + proc.stderr
+    assert f"--repo {hf_repo}" in out and "--vla" in out
+    assert cfg == resolve(yaml.safe_load((REPO / "config" / f"{preset}.yaml").read_text()))
 
 
 @needs_libero

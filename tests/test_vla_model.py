@@ -39,7 +39,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def oft_dir(tmp_path_factory):
-    return write_fake_checkpoint(tmp_path_factory.mktemp("oft") / "ckpt", lora=True)
+    return write_fake_checkpoint(tmp_path_factory.mktemp("oft") / "ckpt", lora=True,
+                                 suite="libero_spatial")
 
 
 @pytest.fixture(scope="module")

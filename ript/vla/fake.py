@@ -181,8 +181,8 @@ def _write_shards(folder: Path, state: dict[str, torch.Tensor], n_shards: int) -
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def write_fake_checkpoint(folder: str | Path, family: str = "openvla_oft",
-                          suite: str = "libero_spatial", seed: int = 0, hidden: int = 64,
+def write_fake_checkpoint(folder: str | Path, family: str = "openvla_oft", *,
+                          suite: str, seed: int = 0, hidden: int = 64,
                           layers: int = 2, heads: int = 4, lora: bool = False,
                           n_shards: int = 2) -> Path:
     """Write a FAKE checkpoint folder (see module doc); returns its path."""
@@ -242,13 +242,14 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Write a tiny FAKE OpenVLA(-OFT) checkpoint folder.")
     p.add_argument("folder", type=Path)
     p.add_argument("--family", choices=FAMILIES, default="openvla_oft")
-    p.add_argument("--suite", default="libero_spatial")
+    p.add_argument("--suite", required=True,
+                   help="the task suite its statistics are for (key `<suite>_no_noops`)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--lora", action="store_true", help="also write a PEFT lora_adapter/")
     args = p.parse_args(argv)
-    print(write_fake_checkpoint(args.folder, args.family, args.suite, args.seed, args.hidden,
-                                lora=args.lora))
+    print(write_fake_checkpoint(args.folder, args.family, suite=args.suite, seed=args.seed,
+                                hidden=args.hidden, lora=args.lora))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import shlex
 import sys
 
 from ript.envs.benchmark import get as get_benchmark
@@ -74,8 +75,30 @@ def data_block(split, task):
     return block
 
 
+# The policy family (config/README.md `policy`): an OpenVLA-family checkpoint replaces stages
+# 0-2; the fetch stage's manifest stands for it in the DAG (workflow/rules/vla.smk).
+FAMILY = config["policy"]["family"]
+VLA = FAMILY != "quest"
+VLA_MANIFEST = f"{RESULTS}/checkpoint/manifest.json"
+
+
+def vla_args():
+    """The evaluate CLI's `--vla` (the policy block and the suite it acts in), VLAs only."""
+    if not VLA:
+        return ""
+    block = {
+        **config["policy"],
+        "benchmark": DATA["benchmark"],
+        "suite": DATA.get("suite"),
+    }
+    return "--vla " + shlex.quote(as_json(block))
+
+
 def sft_model():
-    """The policy RIPT starts from: stage 2's if decoder fine-tuning is on, else stage 1's."""
+    """The policy RIPT starts from: stage 2's if decoder fine-tuning is on, else stage 1's;
+    for a VLA, the checkpoint (its fetch stage's manifest)."""
+    if VLA:
+        return VLA_MANIFEST
     stage = "finetune" if config["finetune"]["enabled"] else "prior"
     return f"{RESULTS}/{stage}/model.pt"
 
@@ -85,6 +108,9 @@ def policy_model(policy):
 
 
 def stage_metrics():
+    # no supervised stage runs for a VLA: the checkpoint is the released fine-tuning
+    if VLA:
+        return []
     stages = ["autoencoder", "prior"] + (
         ["finetune"] if config["finetune"]["enabled"] else []
     )

@@ -27,10 +27,12 @@ rule evaluate:
             "envs",
             "models",
             "train/checkpoint.py",
+            "vla",
         ),
+        vla=vla_args(),
     shell:
         "python -m ript.evaluate --checkpoint {input.model} --task {wildcards.task} "
-        "--policy-name {wildcards.policy} --config {params.cfg:q} "
+        "--policy-name {wildcards.policy} --config {params.cfg:q} {params.vla} "
         "--out-dir $(dirname {output.summary}) --seed {params.seed} > {log} 2>&1"
 
 

@@ -1,14 +1,35 @@
 # The report: success before/after RIPT with intervals, RIPT curves, SFT losses, wall times.
 
 
+REPORT_FIGURES = (
+    {}
+    if VLA
+    else {
+        "curves": report(
+            f"{RESULTS}/report/ript_curves.png",
+            caption="../report/ript_curves.rst",
+            category="Report",
+        ),
+        "losses": report(
+            f"{RESULTS}/report/sft_losses.png",
+            caption="../report/sft_losses.rst",
+            category="Report",
+        ),
+    }
+)
+
+
 rule report:
     input:
         # the per-policy tables (ript.results) hold every success number the report shows
         sft_table=f"{RESULTS}/eval/sft/table.csv",
-        ript_table=f"{RESULTS}/eval/ript/table.csv",
-        ript_metrics=rules.ript.output.metrics,
+        # a VLA checkpoint is evaluated as released: no RIPT run yet (issue #15)
+        ript_table=[] if VLA else f"{RESULTS}/eval/ript/table.csv",
+        ript_metrics=[] if VLA else rules.ript.output.metrics,
         stage_metrics=stage_metrics(),
     output:
+        # RIPT curves and stage losses exist only where those stages ran (not for a VLA yet)
+        **REPORT_FIGURES,
         html=report(
             f"{RESULTS}/report/index.html",
             caption="../report/index.rst",
@@ -17,16 +38,6 @@ rule report:
         success=report(
             f"{RESULTS}/report/success.png",
             caption="../report/success.rst",
-            category="Report",
-        ),
-        curves=report(
-            f"{RESULTS}/report/ript_curves.png",
-            caption="../report/ript_curves.rst",
-            category="Report",
-        ),
-        losses=report(
-            f"{RESULTS}/report/sft_losses.png",
-            caption="../report/sft_losses.rst",
             category="Report",
         ),
         summary=f"{RESULTS}/report/summary.json",
@@ -42,9 +53,13 @@ rule report:
         # the page shows the whole config; any change re-runs the (cheap) report
         full_config=as_json(config),
         benchmarks=f"{RESULTS}/benchmarks",
+        ript=lambda w, input: (
+            f"--ript-table {input.ript_table} --ript-metrics {input.ript_metrics}"
+            if input.ript_table
+            else ""
+        ),
     shell:
         "python -m ript.report --config {params.cfg:q} --full-config {params.full_config:q} "
-        "--sft-table {input.sft_table} --ript-table {input.ript_table} "
-        "--ript-metrics {input.ript_metrics} "
+        "--sft-table {input.sft_table} {params.ript} "
         "--stage-metrics {input.stage_metrics} --benchmarks {params.benchmarks} "
         "--out-dir $(dirname {output.html}) > {log} 2>&1"
