@@ -10,7 +10,9 @@ do not depend on them). Prints the GPU, parameter counts, peak memory after load
 one OFT action chunk (batch 1/2/4/8) for the single full pass and for RIPT's prefix+suffix split,
 and with --ppo one RIPT PPO micro-step per max_step_batch_size 1 and 2: LoRA r=32 α=16 on
 OFT's all-linear targets (peft), no-grad prefix, suffix forward + backward through every layer,
-both AdamW steps, with the peak memory of each.
+both AdamW steps, with the peak memory of each. With --env-steps N, the OFT LIBERO runner
+(`ript.vla.policy.VLAPolicy` on the real simulator, 256 px renders of both cameras) runs N steps
+with 8 parallel envs and prints env steps/s (the policy's share of the time beside it).
 """
 
 from __future__ import annotations
@@ -173,6 +175,58 @@ def ppo(model, head, proprio, scale, device, meter, reps):
               f"peak memory {meter.peak()}")
 
 
+def runner_speed(model, head, proprio, device, steps: int, n_envs: int = 8,
+                 workers: int = 8) -> None:
+    """Env steps/s of the OFT LIBERO runner with parallel envs, this model in the loop."""
+    import tempfile
+
+    from ript.envs.benchmark import get
+    from ript.envs.libero import suite_tasks
+    from ript.envs.worker import EpisodeContext
+    from ript.vla.checkpoint import ImagePreprocessing, VLACheckpoint
+    from ript.vla.fake import ACTION_STATS, PROPRIO_STATS, write_tokenizer
+    from ript.vla.policy import VLAPolicy
+
+    from transformers import AutoTokenizer
+
+    suite = "libero_spatial"
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(Path(tmp))
+        tokenizer = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+    image = ImagePreprocessing(224, ((0.485, 0.456, 0.406), (0.5,) * 3),
+                               ((0.229, 0.224, 0.225), (0.5,) * 3), "bicubic", "default")
+    ckpt = VLACheckpoint(model, "openvla_oft", tokenizer,
+                         {suite: {"action": ACTION_STATS, "proprio": PROPRIO_STATS}}, image,
+                         head, proprio, Path("random-weights"), {}, None)
+    bench = get("libero", suite)
+    tasks = suite_tasks(suite)
+    policy = VLAPolicy(ckpt, bench, tasks, suite)
+    timed = {"s": 0.0}
+    predict = policy.predict
+
+    def timed_predict(*a, **k):
+        t = time.perf_counter()
+        out = predict(*a, **k)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        timed["s"] += time.perf_counter() - t
+        return out
+
+    policy.predict = timed_predict
+    runner = bench.make_runner({"image": True, "image_size": 256, "vla": True}, n_envs,
+                               workers, max_episode_steps=steps, step_timeout_s=600)
+    contexts = [EpisodeContext(i, tasks[0], i, i) for i in range(n_envs)]
+    with runner:
+        runner.run(policy, contexts, seed=0)  # warm-up: builds the envs (LIBERO: seconds each)
+        runner.env_steps, timed["s"] = 0, 0.0
+        t = time.perf_counter()
+        runner.run(policy, contexts, seed=0)
+        wall = time.perf_counter() - t
+    print(f"\nOFT LIBERO runner, {n_envs} envs on {workers} workers, {steps} steps each: "
+          f"{runner.env_steps / wall:.1f} env steps/s (policy {100 * timed['s'] / wall:.0f} % "
+          f"of {wall:.1f} s, incl. resets of cached envs)")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="the tiny fake shapes (CPU smoke test)")
@@ -180,6 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--env-steps", type=int, default=0,
+                   help="also run the OFT LIBERO runner this many steps per env (8 envs)")
+    p.add_argument("--env-workers", type=int, default=8)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -201,6 +258,8 @@ def main(argv: list[str] | None = None) -> None:
         ppo(model, head, proprio, scale, device, meter, args.reps)
     else:
         print("\nPPO micro-step: skipped (pass --ppo)")
+    if args.env_steps:
+        runner_speed(model, head, proprio, device, args.env_steps, workers=args.env_workers)
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ def pixel_values(images: list[np.ndarray], norm: dict | None = None) -> torch.Te
     stds = norm["stds"] if norm else [DINO_STD, SIGLIP_STD]
     out = []
     for img in images:
-        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 255.0
+        x = torch.from_numpy(np.array(img, np.uint8)).permute(2, 0, 1).float() / 255.0
         for m, s in zip(means, stds):
             out.append((x - torch.tensor(m).view(3, 1, 1)) / torch.tensor(s).view(3, 1, 1))
     return torch.cat(out, 0)
