@@ -63,13 +63,15 @@ def error_warning(sft: dict[str, dict], ript: dict[str, dict] | None) -> str | N
             "(success is over the episodes that ran): " + "; ".join(bad) + ".")
 
 
-def bar_chart(sft: dict, ript: dict | None, pooled: dict, out: Path, dpi: int) -> None:
+def bar_chart(sft: dict, ript: dict | None, pooled: dict, out: Path, dpi: int,
+              label: str = "SFT") -> None:
     """`pooled`: {"SFT": mean row, "RIPT": mean row}, the last pair of bars. Without RIPT (a
     VLA checkpoint evaluated as released) one bar per task."""
     plt = _plt()
     tasks = list(sft)
     fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(tasks) + 2), 3.6))
     policies = [("SFT", sft, "#8c8c8c")] + ([("RIPT", ript, "#d62728")] if ript else [])
+    names = {"SFT": label}
     width = 0.76 / len(policies)
     for i, (name, res, color) in enumerate(policies):
         xs = [j + (i - (len(policies) - 1) / 2) * width for j in range(len(tasks) + 1)]
@@ -79,7 +81,7 @@ def bar_chart(sft: dict, ript: dict | None, pooled: dict, out: Path, dpi: int) -
         err = [[v - lo for v, lo in zip(vals, lows)], [hi - v for v, hi in zip(vals, highs)]]
         ax.bar(xs, [100 * v for v in vals], width, yerr=[[100 * e for e in err[0]],
                                                          [100 * e for e in err[1]]],
-               label=name, color=color, capsize=3)
+               label=names.get(name, name), color=color, capsize=3)
     ax.set_xticks(range(len(tasks) + 1), [t.removesuffix("-v3") for t in tasks] + ["mean"],
                   rotation=20, ha="right")
     ax.set_ylabel("held-out success (%)")
@@ -190,7 +192,9 @@ def build(cfg: ReportConfig, *, sft_table, ript_table, ript_metrics, stage_metri
     if ript is not None and set(sft) != set(ript):
         raise ValueError(f"SFT and RIPT were evaluated on different tasks: {sorted(sft)} vs "
                          f"{sorted(ript)}")
-    bar_chart(sft, ript, {"SFT": ps, "RIPT": pr}, out_dir / "success.png", cfg.dpi)
+    family = (full_config.get("policy") or {}).get("family", "quest")
+    label = "SFT" if family == "quest" else f"{family} checkpoint"
+    bar_chart(sft, ript, {"SFT": ps, "RIPT": pr}, out_dir / "success.png", cfg.dpi, label)
     if ript_metrics:
         curves(read_jsonl(ript_metrics),
                [("success", ["train_success", "eval_success"]),
@@ -211,7 +215,7 @@ def build(cfg: ReportConfig, *, sft_table, ript_table, ript_metrics, stage_metri
                "wall_clock_seconds": wall_clock(times)}
     write_json(out_dir / "summary.json", summary)
     _write_pages(cfg, out_dir, sft, ript, ps, pr, summary, times, full_config,
-                 curves=bool(ript_metrics), losses=bool(stage_rows))
+                 curves=bool(ript_metrics), losses=bool(stage_rows), label=label)
     return summary
 
 
@@ -236,7 +240,7 @@ pre{white-space:pre-wrap;overflow-wrap:anywhere}"""
 
 
 def _write_pages(cfg, out_dir, sft, ript, ps, pr, summary, times, full_config, *,
-                 curves: bool = True, losses: bool = True) -> None:
+                 curves: bool = True, losses: bool = True, label: str = "SFT") -> None:
     if ript:
         header = ["task", "SFT [95 % CI]", "RIPT [95 % CI]", "Δ (points)", "episodes",
                   "errors (SFT / RIPT)"]
@@ -252,7 +256,7 @@ def _write_pages(cfg, out_dir, sft, ript, ps, pr, summary, times, full_config, *
         header = ["task", "success [95 % CI]", "episodes", "errors"]
         rows = [(t, _fmt(sft[t]), sft[t]["episodes"], sft[t].get("errors", 0)) for t in sft]
         rows.append(("mean", _fmt(ps), ps["episodes"], ps["errors"]))
-        headline = f"Held-out success: {100 * ps['success_rate']:.1f} %."
+        headline = f"Held-out success of the {label}: {100 * ps['success_rate']:.1f} %."
     totals = [("total (sum of the job times)", f"{summary['total_wall_seconds']:.1f}"),
               ("wall clock (first job start to last job end)",
                _clock_text(summary["wall_clock_seconds"]))]
