@@ -62,8 +62,9 @@ class SlotEnvs:
     """The envs of one worker (or of the main process when there are no workers).
 
     An env is lent to a slot for one episode; idle envs are kept for reuse (building one costs
-    ~1 s for MetaWorld, ~10 s for LIBERO), at most `max_idle`, least recently used dropped first,
-    so many-task runs (ML45) do not accumulate hundreds of simulators.
+    ~0.3 s for MetaWorld, ~10 s for LIBERO), at most `max_idle` (the factory's
+    `max_idle_envs`, else 32), least recently used dropped first, so many-task runs (ML45) do
+    not accumulate hundreds of simulators.
     """
 
     def __init__(self, factory, max_idle: int = 32):
@@ -153,7 +154,7 @@ def _error_text(e: BaseException) -> str:
 
 
 def _worker_main(conn, factory) -> None:
-    envs = SlotEnvs(factory)
+    envs = SlotEnvs(factory, getattr(factory, "max_idle_envs", 32))
     try:
         while True:
             msg = conn.recv()
@@ -212,7 +213,8 @@ class WorkerPool:
         self._mp = mp.get_context(start_method or factory.start_method) if n_workers else None
         self._workers: list[_Worker | None] = [None] * n_workers
         self._generation = [0] * n_workers  # bumped when a worker is replaced
-        self._local = SlotEnvs(factory) if n_workers == 0 else None
+        self._local = (SlotEnvs(factory, getattr(factory, "max_idle_envs", 32))
+                       if n_workers == 0 else None)
         self.worker_of = lambda slot: 0
         self.restarts = 0
 
