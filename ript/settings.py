@@ -233,6 +233,11 @@ class RiptConfig:
     """Concurrent episodes (= the policy's batch during rollouts)."""
     n_workers: int = 2
     """Environment worker processes."""
+    collection: Literal["rounds", "streaming"] = "rounds"
+    """Rollout collection (one rank): rounds of one runner call each (as many groups as fill
+    the slots; a round waits for its slowest episode), or streaming: one call per iteration
+    keeps every slot busy and judges each group as soon as it ends (issue #16). Several ranks
+    always collect in rounds (the cross-rank early stop needs a collective between them)."""
     eval_every: int = 1
     """Evaluate on held-out contexts every this many iterations (and before the first)."""
     eval_episodes_per_task: int = 10

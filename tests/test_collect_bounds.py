@@ -40,10 +40,17 @@ class BrokenFactory(MetaWorldFactory):
 
 class CountingRunner(EnvRunner):
     calls = 0
+    queued = 0  # episodes handed to the runner, at the start and by streaming
 
-    def run(self, *args, **kwargs):
+    def run(self, policy, contexts, *args, **kwargs):
         self.calls += 1
-        return super().run(*args, **kwargs)
+        self.queued += len(contexts)
+        return super().run(policy, contexts, *args, **kwargs)
+
+    def _feed(self, run, feed, tasks):
+        before = len(run.contexts)
+        super()._feed(run, feed, tasks)
+        self.queued += len(run.contexts) - before
 
 
 @pytest.fixture
@@ -52,22 +59,36 @@ def policy(one_thread):
     return QuestPolicy(vae, enc, prior).eval()
 
 
-def _collect(runner, policy, max_rejected: int):
+def _collect(runner, policy, max_rejected: int, streaming: bool = True):
     contexts = [Context(i, TASK, task_id(TASK), i, (), f"v{i}") for i in range(5)]
     return collect(runner, policy, ContextSampler(contexts, seed=0), group_size=2,
                    target_groups=4, global_target=4, max_rejected=max_rejected,
                    dynamic_sampling=True, early_stop_fraction=1.0, seed=0, iteration=0,
-                   dist=Dist())
+                   dist=Dist(), streaming=streaming)
 
 
 def test_env_that_always_raises_ends_collection_at_the_cap_with_its_error(policy):
     runner = CountingRunner(BrokenFactory(ObsSpec(), 50), n_envs=4, n_workers=1)
     t0 = time.perf_counter()
     with runner, pytest.raises(SimulatorError, match=ERROR) as err:
-        _collect(runner, policy, max_rejected=5)
+        _collect(runner, policy, max_rejected=5, streaming=False)
     # two groups per runner call (4 slots / K = 2): the cap of 5 errored groups is hit on the
     # third call; before the fix collection looped forever (tens of thousands of calls)
     assert runner.calls == 3
+    assert "5 groups" in str(err.value)
+    assert time.perf_counter() - t0 < 60
+
+
+def test_streaming_collection_ends_at_the_cap_too(policy):
+    runner = CountingRunner(BrokenFactory(ObsSpec(), 50), n_envs=4, n_workers=1)
+    t0 = time.perf_counter()
+    with runner, pytest.raises(SimulatorError, match=ERROR) as err:
+        _collect(runner, policy, max_rejected=5)
+    # one streaming call; the cap of 5 errored groups ends it with at most the slots' worth of
+    # groups queued beyond (4 slots + 1 queued group of K = 2); before the fix collection
+    # looped forever (tens of thousands of runner calls)
+    assert runner.calls == 1
+    assert 10 <= runner.queued <= 10 + 4 + 2
     assert "5 groups" in str(err.value)
     assert time.perf_counter() - t0 < 60
 

@@ -131,7 +131,7 @@ class _Run:
     """State of one `EnvRunner.run` call (slots, observations, records)."""
 
     def __init__(self, runner, policy, contexts, B, seed, capture, video, bar):
-        self.runner, self.policy, self.contexts = runner, policy, contexts
+        self.runner, self.policy, self.contexts = runner, policy, list(contexts)
         self.capture, self.video, self.bar = capture, video, bar
         self.gen = torch.Generator().manual_seed(int(seed))
         policy.reset(B)
@@ -140,13 +140,28 @@ class _Run:
         self.ready = np.zeros(B, bool)  # running and waiting for an action
         self.group = np.arange(B) % 2 if B >= 2 and runner.pipeline else np.zeros(B, int)
         self.task = np.zeros(B, np.int64)
-        self.task_ids = {t: _task_id(policy, runner.factory, t) for t in {c.task for c in contexts}}
-        self.records: list[EpisodeRecord | None] = [None] * len(contexts)
+        self.task_ids: dict[str, int] = {}
+        self.records: list[EpisodeRecord | None] = [None] * len(self.contexts)
         self.next = 0
+        self.finished: list[int] = []  # indices of episodes ended since the last `feed` call
+        self.stopped = False
+        self.streaming = False
+
+    def add(self, contexts: list[EpisodeContext]) -> None:
+        """More contexts at the end of the queue (streaming collection)."""
+        self.contexts.extend(contexts)
+        self.records.extend([None] * len(contexts))
+
+    def stop(self) -> None:
+        """Start nothing more and abandon the running episodes (their records stay None)."""
+        self.stopped = True
+        self.slots = [None] * len(self.slots)
+        self.ready[:] = False
 
     def finish(self, i: int, success: bool, error: str | None = None) -> None:
         ep = self.slots[i]
         self.records[ep.index] = EnvRunner._record(ep, success, error, self.capture)
+        self.finished.append(ep.index)
         self.slots[i] = None
         self.ready[i] = False
         if self.bar is not None:
@@ -159,14 +174,28 @@ class _Run:
             if ep is not None and w in lost:
                 self.finish(i, False, lost[w])
 
+    def in_phase(self, g: int) -> bool:
+        """Streaming: may a free slot of group g start now? Only where its first policy call
+        (next tick, after the reset) coincides with the running slots' next replanning, so that
+        a chunked policy keeps planning all slots in one batch instead of one small batch per
+        slot phase (issue #16). The running slots' lengths decide it: deterministic."""
+        period = getattr(self.policy, "replan_period", 1)
+        lengths = [ep.length for i, ep in enumerate(self.slots)
+                   if ep is not None and self.group[i] == g]
+        return period <= 1 or not lengths or any((n + 1) % period == 0 for n in lengths)
+
     def start(self, g: int) -> list[tuple]:
         """Next contexts onto the free slots of group g, lowest slot first -> reset items."""
         items = []
+        if self.streaming and not self.in_phase(g):
+            return items
         for i in np.flatnonzero(self.group == g):
-            if self.slots[i] is None and self.next < len(self.contexts):
+            if self.slots[i] is None and self.next < len(self.contexts) and not self.stopped:
                 ctx = self.contexts[self.next]
                 self.slots[i] = _Running(self.next, ctx, steps=[] if self.capture else None,
                                          frames=[] if self.next < self.video else None)
+                if ctx.task not in self.task_ids:
+                    self.task_ids[ctx.task] = _task_id(self.policy, self.runner.factory, ctx.task)
                 self.task[i] = self.task_ids[ctx.task]
                 self.next += 1
                 items.append((int(i), "reset", ctx))
@@ -176,6 +205,8 @@ class _Run:
         fresh = []
         for i, o, success, done, err, was_reset in sorted(replies, key=lambda r: r[0]):
             ep = self.slots[i]
+            if ep is None:  # abandoned by `stop`: its env is released at the slot's next reset
+                continue
             if not was_reset:
                 ep.length += 1
                 self.runner.env_steps += 1
@@ -262,17 +293,23 @@ class EnvRunner:
 
     def run(self, policy, contexts: Sequence[EpisodeContext], seed: int, capture_rl: bool = False,
             progress_desc: str | None = None, tasks: Sequence[str] | None = None,
-            video_episodes: int = 0) -> list[EpisodeRecord]:
+            video_episodes: int = 0, feed=None) -> list[EpisodeRecord | None]:
         """Run one episode per context; records come back in the order of `contexts`.
 
         tasks: if given, the tasks the policy was trained for (other contexts are refused).
         video_episodes: keep the image frames of the first n contexts (needs image obs).
+        feed: streaming (RIPT's collection, issue #16). Called after every batch of worker
+            replies with the records that ended, as [(index, record)] in the order they ended
+            (slot order within a batch); returns further contexts to queue (a list, possibly
+            empty) or None to stop: nothing more starts and the running episodes are abandoned
+            (their records stay None). The calls happen at points fixed by the episodes'
+            outcomes, never by timing or `n_workers`, so the records stay deterministic.
         """
         contexts = list(contexts)
         self.check(contexts, tasks)
         if not contexts:
             return []
-        B = min(self.n_envs, len(contexts))
+        B = min(self.n_envs, len(contexts)) if feed is None else self.n_envs
         # Pipelined: two groups of slots (i % 2) take turns, the workers step one group while
         # the main process runs the policy for the other. The groups do not depend on the
         # worker count, hence neither does the schedule.
@@ -281,6 +318,7 @@ class EnvRunner:
         self.pool.assign((lambda i: (i // G) % W) if B >= G * W else (lambda i: i % W))
         bar = progress(total=len(contexts), desc=progress_desc) if progress_desc else None
         run = _Run(self, policy, contexts, B, seed, capture_rl, video_episodes, bar)
+        run.streaming = feed is not None
         inflight: list = [None] * G
         try:
             for g in range(G):
@@ -293,6 +331,8 @@ class EnvRunner:
                     inflight[g] = None
                     run.absorb(replies)
                     run.lose(lost)
+                    if feed is not None and not run.stopped:
+                        self._feed(run, feed, tasks)
                     items = run.start(g) + run.act(g)
                     inflight[g] = self.pool.send(items) if items else None
         except BaseException:
@@ -306,6 +346,17 @@ class EnvRunner:
             if bar is not None:
                 bar.close()
         return run.records
+
+    def _feed(self, run: _Run, feed, tasks) -> None:
+        ended = [(i, run.records[i]) for i in run.finished]
+        run.finished = []
+        more = feed(ended)
+        if more is None:
+            run.stop()
+        elif more:
+            more = list(more)
+            self.check(more, tasks)
+            run.add(more)
 
     @staticmethod
     def _frame(ep: _Running, o: dict) -> None:

@@ -128,6 +128,11 @@ class QuestPolicy(nn.Module):
         )
         return actions.clamp(-1.0, 1.0), record
 
+    @property
+    def replan_period(self) -> int:
+        """Steps between a slot's policy calls: the runner aligns streamed episode starts to it."""
+        return self.action_horizon
+
     def reset(self, n_envs: int) -> None:
         """Empty the per-env action queues for ``n_envs`` environments."""
         self._queue = np.zeros((n_envs, self.action_horizon, self.autoencoder.action_dim),

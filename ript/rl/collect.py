@@ -58,61 +58,27 @@ class CollectStats:
 def collect(runner, policy, sampler: ContextSampler, *, group_size: int, target_groups: int,
             global_target: int, max_rejected: int, dynamic_sampling: bool,
             early_stop_fraction: float, seed: int, iteration: int, dist,
-            sampled_logp: bool = False) -> tuple[list[Episode], CollectStats]:
+            sampled_logp: bool = False, streaming: bool = False
+            ) -> tuple[list[Episode], CollectStats]:
     """Collect this rank's informative groups; `target_groups` is the per-rank share.
-    `sampled_logp` stores ℓ_old of the truncated top-k distribution instead of the full one."""
-    sampler_state = DynamicSampler(target_groups, max_rejected, dynamic_sampling)
-    stats = CollectStats()
-    episodes: list[Episode] = []
-    # As many contexts per runner call as fill its env slots: one batched policy call per tick.
-    per_call = max(1, math.ceil(runner.n_envs / group_size))
-    call = 0
-    first_error = None
-    while True:
-        if not sampler_state.done:
-            ctxs = [sampler.next() for _ in range(per_call)]
-            call_seed = derived_seed(seed, dist.rank, iteration, call)
-            records = runner.run(policy, episode_contexts(ctxs, group_size, call_seed),
-                                 seed=call_seed, capture_rl=True)
-            call += 1
-            task_ids = {c.context_id: c.task_id for c in ctxs}
-            groups = defaultdict(list)
-            for rec in records:
-                groups[rec.context_id].append(rec)
-                stats.episodes += 1
-                stats.successes += int(rec.success)
-                stats.env_steps += rec.length
-                stats.errors += int(rec.error is not None)
-            for ctx in ctxs:
-                if sampler_state.done:
-                    break  # keep every rank's buffer the same size (padding lines up minibatches)
-                group = groups.pop(ctx.context_id, [])
-                # An episode aborted by a simulator error has no usable token cache: its whole
-                # group is left out of the update and counts toward the rejected cap, so an env
-                # that always fails cannot keep collection looping (issue #12).
-                errors = [r.error for r in group if r.error]
-                if len(group) != group_size or errors:
-                    first_error = first_error or (errors[0] if errors else
-                                                  f"{len(group)} of {group_size} episodes returned")
-                    sampler_state.reject_errored()
-                    continue
-                rewards = np.array([float(r.success) for r in group])
-                if not sampler_state.offer(rewards):
-                    continue
-                adv = leave_one_out_advantages(rewards[None])[0]
-                for rec, a in zip(group, adv):
-                    episodes.append(Episode(
-                        context_id=rec.context_id, task_id=task_ids[rec.context_id],
-                        success=bool(rec.success), contexts=rec.contexts, tokens=rec.tokens,
-                        logp=rec.logp_topk if sampled_logp else rec.logp,
-                        valid_steps=rec.valid_steps, advantage=float(a)))
-        accepted, ranks_done = dist.sum([sampler_state.accepted, float(sampler_state.done)])
-        if should_stop(int(accepted), early_stop_fraction, global_target):
-            stats.stop_reason = "early_stop"
-            break
-        if ranks_done >= dist.world:
-            stats.stop_reason = sampler_state.stop_reason or "target"
-            break
+    `sampled_logp` stores ℓ_old of the truncated top-k distribution instead of the full one.
+
+    `streaming` (one rank; issue #16): a single runner call for the whole iteration keeps every
+    env slot busy, a group is judged as soon as its K episodes have ended, and new groups are
+    queued while the target, the early stop or the cap is not reached; the episodes still
+    running then are abandoned. Otherwise (and always with several ranks) collection goes in
+    rounds of one runner call each (as many groups as fill the slots), with a collective between
+    rounds for the cross-rank early stop.
+    """
+    state = _Collection(group_size, DynamicSampler(target_groups, max_rejected,
+                                                   dynamic_sampling), sampled_logp)
+    if streaming and dist.world == 1:
+        _stream(runner, policy, sampler, state, seed, iteration, dist, early_stop_fraction,
+                global_target)
+    else:
+        _rounds(runner, policy, sampler, state, seed, iteration, dist, early_stop_fraction,
+                global_target)
+    sampler_state, stats = state.sampler, state.stats
     # A rank that saw nothing but simulator errors has nothing to learn from: every rank stops
     # together (one collective, so no rank waits on a failed one) with the error's text.
     (ranks_failed,) = dist.sum([float(sampler_state.only_errors)])
@@ -120,11 +86,135 @@ def collect(runner, policy, sampler: ContextSampler, *, group_size: int, target_
         raise SimulatorError(
             f"RIPT rollouts: every group of {int(ranks_failed)} rank(s) hit a simulator error "
             f"({sampler_state.errored} groups on rank {dist.rank}, the rejected-group cap); "
-            f"first error on this rank: {first_error or 'none here'}")
+            f"first error on this rank: {state.first_error or 'none here'}")
     stats.groups_kept = sampler_state.accepted
     stats.groups_rejected = sampler_state.rejected
     stats.groups_errored = sampler_state.errored
-    return episodes, stats
+    return state.episodes, stats
+
+
+class _Collection:
+    """What one iteration's collection has gathered so far (both modes)."""
+
+    def __init__(self, group_size: int, sampler: DynamicSampler, sampled_logp: bool):
+        self.k, self.sampler, self.sampled_logp = group_size, sampler, sampled_logp
+        self.stats = CollectStats()
+        self.episodes: list[Episode] = []
+        self.first_error: str | None = None
+
+    def count(self, rec) -> None:
+        self.stats.episodes += 1
+        self.stats.successes += int(rec.success)
+        self.stats.env_steps += rec.length
+        self.stats.errors += int(rec.error is not None)
+
+    def judge(self, ctx: Context, group: list) -> None:
+        """One finished group: rejected (errors, uniform rewards) or kept with its
+        leave-one-out advantages."""
+        # An episode aborted by a simulator error has no usable token cache: its whole group is
+        # left out of the update and counts toward the rejected cap, so an env that always fails
+        # cannot keep collection looping (issue #12).
+        errors = [r.error for r in group if r.error]
+        if len(group) != self.k or errors:
+            self.first_error = self.first_error or (
+                errors[0] if errors else f"{len(group)} of {self.k} episodes returned")
+            self.sampler.reject_errored()
+            return
+        rewards = np.array([float(r.success) for r in group])
+        if not self.sampler.offer(rewards):
+            return
+        adv = leave_one_out_advantages(rewards[None])[0]
+        for rec, a in zip(group, adv):
+            self.episodes.append(Episode(
+                context_id=rec.context_id, task_id=ctx.task_id, success=bool(rec.success),
+                contexts=rec.contexts, tokens=rec.tokens,
+                logp=rec.logp_topk if self.sampled_logp else rec.logp,
+                valid_steps=rec.valid_steps, advantage=float(a)))
+
+
+def _stream(runner, policy, sampler, state: _Collection, seed, iteration, dist,
+            early_stop_fraction, global_target) -> None:
+    """One runner call; groups are judged in the order their last episode ends.
+
+    Determinism: the runner calls `feed` at points fixed by the episodes' outcomes (never by
+    timing or the worker count), group g's env seeds derive from (seed, rank, iteration, g) and
+    the policy samples from one generator seeded by (seed, rank, iteration), so the same seed
+    gives the same groups, decisions and updates with any number of workers."""
+    k = state.k
+    drawn: list[Context] = []   # group g's context
+    ended: dict[int, dict] = {}  # group g -> {copy: record} of its ended episodes
+    n_ended = 0
+
+    def draw(n: int) -> list:
+        out = []
+        for _ in range(n):
+            ctx = sampler.next()
+            out += episode_contexts([ctx], k, derived_seed(seed, dist.rank, iteration,
+                                                            len(drawn)))
+            drawn.append(ctx)
+        return out
+
+    def outstanding_groups() -> int:
+        """Groups to queue so that the slots stay busy: every slot running, one group queued."""
+        waiting = len(drawn) * k - n_ended
+        return max(0, math.ceil((runner.n_envs + k - waiting) / k))
+
+    def feed(records):
+        nonlocal n_ended
+        for index, rec in records:
+            n_ended += 1
+            state.count(rec)
+            g, j = divmod(index, k)
+            ended.setdefault(g, {})[j] = rec
+            if len(ended[g]) == k:
+                done = ended.pop(g)
+                group = [done[i] for i in range(k)]
+                if not state.sampler.done:
+                    state.judge(drawn[g], group)
+        if state.sampler.done:
+            state.stats.stop_reason = state.sampler.stop_reason
+            return None
+        if should_stop(state.sampler.accepted, early_stop_fraction, global_target):
+            state.stats.stop_reason = "early_stop"
+            return None
+        return draw(outstanding_groups())
+
+    first = draw(outstanding_groups())
+    steps_before = runner.env_steps
+    runner.run(policy, first, seed=derived_seed(seed, dist.rank, iteration), capture_rl=True,
+               feed=feed)
+    # the simulator's work, including the abandoned episodes' steps
+    state.stats.env_steps = runner.env_steps - steps_before
+
+
+def _rounds(runner, policy, sampler, state: _Collection, seed, iteration, dist,
+            early_stop_fraction, global_target) -> None:
+    """Several ranks: rounds of one runner call (as many groups as fill the slots), each
+    followed by the collective that lets fast ranks stop slow ones (spec §5.3 step 2d)."""
+    per_call = max(1, math.ceil(runner.n_envs / state.k))
+    call = 0
+    while True:
+        if not state.sampler.done:
+            ctxs = [sampler.next() for _ in range(per_call)]
+            call_seed = derived_seed(seed, dist.rank, iteration, call)
+            records = runner.run(policy, episode_contexts(ctxs, state.k, call_seed),
+                                 seed=call_seed, capture_rl=True)
+            call += 1
+            groups = defaultdict(list)
+            for rec in records:
+                groups[rec.context_id].append(rec)
+                state.count(rec)
+            for ctx in ctxs:
+                if state.sampler.done:
+                    break  # keep every rank's buffer the same size (padding lines up minibatches)
+                state.judge(ctx, groups.pop(ctx.context_id, []))
+        accepted, ranks_done = dist.sum([state.sampler.accepted, float(state.sampler.done)])
+        if should_stop(int(accepted), early_stop_fraction, global_target):
+            state.stats.stop_reason = "early_stop"
+            return
+        if ranks_done >= dist.world:
+            state.stats.stop_reason = state.sampler.stop_reason or "target"
+            return
 
 
 class SimulatorError(RuntimeError):

@@ -105,7 +105,8 @@ class Ript:
             target_groups=self.rank_groups, global_target=cfg.contexts_per_iteration,
             max_rejected=cfg.max_rejected_groups, dynamic_sampling=cfg.dynamic_sampling,
             early_stop_fraction=cfg.early_stop_fraction, seed=self.seed, iteration=iteration,
-            dist=self.dist, sampled_logp=cfg.ratio_distribution == "sampled_topk")
+            dist=self.dist, sampled_logp=cfg.ratio_distribution == "sampled_topk",
+            streaming=cfg.collection == "streaming")
         t1 = time.perf_counter()
         buffer = RolloutBuffer(episodes)
         buffer.pad_to(self.rank_groups * cfg.group_size)
