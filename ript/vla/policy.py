@@ -69,6 +69,11 @@ class VLAPolicy:
     def eval(self):
         return self
 
+    @property
+    def replan_period(self) -> int:
+        """Steps between a slot's model calls (OFT's chunk; OpenVLA queries every step)."""
+        return self.chunk
+
     def reset(self, n_envs: int) -> None:
         self.queues = [deque() for _ in range(n_envs)]
 
