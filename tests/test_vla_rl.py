@@ -275,3 +275,43 @@ def test_scale_head_from_the_released_file_or_fresh(folder):
     assert fresh.scale_head_file is None
     assert torch.equal(fresh.scale_head.log_b_head.bias, torch.full((7,), -3.0))
     assert float(fresh.scale_head.log_b_head.weight.abs().max()) < 0.01
+
+
+def test_ppo_update_trains_oft_decisions_with_separate_group_clips(folder):
+    """RIPT's PPO loop (ript.rl.ppo.ppo_update) on OFT records: one token per chunk step
+    (tokens (S, 8, 7), logp (S, 8)), ratio 1 before the first step, LoRA and L1 head clipped
+    each to its own norm (vla_spec §4.4, §4.5) and moved."""
+    from ript.rl.buffer import Episode, RolloutBuffer
+    from ript.rl.ppo import PPOConfig, ppo_update
+
+    policy = make_policy(folder)
+    named = policy.prepare_rl()
+    groups = policy.param_groups()
+    _, dec, _ = sample(policy, [0, 1, 0, 1])
+    advantages = [1.0, -1.0, -1.0, 1.0]  # two groups of K = 2 (leave-one-out: ±1)
+    episodes = [Episode(context_id=i // 2, task_id=i % 2, success=a > 0,
+                        contexts={k: v[i:i + 1] for k, v in dec.context.items()},
+                        tokens=dec.tokens[i:i + 1], logp=dec.logp[i:i + 1], valid_steps=1,
+                        advantage=a) for i, a in enumerate(advantages)]
+    buffer = RolloutBuffer(episodes)
+    assert buffer.n_tokens == 4 * 8  # one token per chunk step, not per action dimension
+    before = {n: p.detach().clone() for n, p in named}
+    # plain SGD with lr 1: a group's step is its clipped gradient, so its norm shows the clip
+    opt = torch.optim.SGD([p for _, p in named], lr=1.0)
+    seen = []
+    out = ppo_update(policy.log_prob, [p for _, p in named], opt, buffer,
+                     PPOConfig(clip_low=0.1, clip_high=0.1), epochs=1, minibatch_size=4,
+                     grad_clip=1.0, generator=torch.Generator().manual_seed(0),
+                     on_minibatch=seen.append,
+                     group_clips=[(groups["lora"], 1e-3), (groups["head"], 2e-3)])
+    assert out["initial_ratio_dev"] < ratio_check_tolerance("cpu")
+    assert math.isfinite(out["loss"]) and seen[0]["n_tokens"] == 32
+    assert out["grad_norm"] > 2e-3  # the pre-clip norm over both groups, as reported
+
+    def step_norm(params):
+        ids = {id(p) for p in params}
+        return math.sqrt(sum(float((p - before[n]).pow(2).sum()) for n, p in named
+                             if id(p) in ids))
+
+    assert step_norm(groups["lora"]) == pytest.approx(1e-3, rel=1e-3)
+    assert step_norm(groups["head"]) == pytest.approx(2e-3, rel=1e-3)

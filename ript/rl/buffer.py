@@ -77,10 +77,12 @@ class Episode:
         # Fail at construction rather than deep inside a minibatch (cf. spec §8 B3: the
         # original's dummy episode had the wrong rank and crashed the log-prob code).
         S = self.tokens.shape[0]
-        if self.tokens.dim() != 2 or self.logp.shape != self.tokens.shape:
+        # logp is (S, n): one log-prob per scored "token" (QueST: a skill token; OFT: a chunk
+        # step, whose token is its 7 action dimensions, vla_spec §4.2), tokens (S, n, ...).
+        if self.logp.dim() != 2 or self.tokens.shape[:2] != self.logp.shape:
             raise ValueError(
-                f"tokens must be (S, n) and logp the same shape, got {tuple(self.tokens.shape)}"
-                f" and {tuple(self.logp.shape)}"
+                f"logp must be (S, n) and tokens (S, n, ...), got {tuple(self.logp.shape)} and "
+                f"{tuple(self.tokens.shape)}"
             )
         if n_rows(self.contexts) != S:
             raise ValueError(
@@ -124,8 +126,8 @@ class Batch:
 
     @property
     def n_tokens(self) -> int:
-        """Number of valid tokens, N × n."""
-        return int(self.tokens.numel())
+        """Number of valid tokens, N × n (the log-probs scored, not the tokens' elements)."""
+        return int(self.logp_old.numel())
 
     def to(self, device: torch.device | str) -> Batch:
         """Copy of the batch with every tensor moved to ``device``."""
@@ -176,7 +178,7 @@ class RolloutBuffer:
     @property
     def n_tokens(self) -> int:
         """Valid tokens over the whole buffer: Σ_valid episodes valid_steps × n."""
-        return sum(ep.valid_steps * ep.tokens.shape[1] for ep in self.episodes if ep.valid)
+        return sum(ep.valid_steps * ep.logp.shape[1] for ep in self.episodes if ep.valid)
 
     def pad_to(self, n_episodes: int) -> int:
         """Pad to ``n_episodes`` slots by repeating the last episode with valid=False.

@@ -183,6 +183,7 @@ def ppo_update(
     on_minibatch: Callable[[dict], None] | None = None,
     ref_log_prob_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     ratio_check_tol: float | None = None,
+    group_clips: list[tuple[list[torch.nn.Parameter], float]] | None = None,
 ) -> dict[str, float]:
     """Run ``epochs`` PPO passes over ``buffer`` (spec §5.6, §5.10 step 5).
 
@@ -213,6 +214,9 @@ def ppo_update(
     check) raises RuntimeError.
 
     Args:
+        group_clips: [(params, max_norm)]: clip each group's gradient norm separately instead
+            of the global ``grad_clip`` (RIPT's OFT: LoRA and heads at 1.0 each, vla_spec
+            §4.4); the reported grad_norm is then the norm over all groups before clipping.
         on_minibatch: called with a dict {epoch, minibatch, skipped, grad_norm, n_tokens,
             + ppo_loss stats when the rank had tokens} after each minibatch.
         ref_log_prob_fn: reference policy for the optional KL penalty (cfg.kl_coef > 0),
@@ -292,8 +296,12 @@ def ppo_update(
                 any_tokens = float(flag.grad) > 0.0
             else:
                 any_tokens = has_tokens
-            # Returns the pre-clip global norm (0 when no parameter has a gradient).
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            # The pre-clip global norm (0 when no parameter has a gradient).
+            if group_clips:
+                norms = [float(torch.nn.utils.clip_grad_norm_(g, c)) for g, c in group_clips]
+                grad_norm = math.sqrt(sum(n * n for n in norms))
+            else:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             if not math.isfinite(grad_norm):
                 _clear_grads()
                 raise FloatingPointError(
