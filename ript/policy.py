@@ -61,6 +61,15 @@ def _quest(payload: dict, path):
 register_family("quest", _quest)
 
 
+def _openvla_oft(payload: dict, path):
+    from ript.vla.rl import _from_payload  # imported on use: transformers/timm are an extra
+
+    return _from_payload(payload, path)
+
+
+register_family("openvla_oft", _openvla_oft)  # RIPT-trained OFT: LoRA + heads (ript/vla/rl.py)
+
+
 def load_policy(checkpoint: str | Path):
     """A policy file, or `scripted:expert` / `scripted:random` → (policy, meta).
 

@@ -26,6 +26,11 @@ KEY = "libero_spatial_no_noops"
 
 class StubBench:
     name, suite = "stub", "libero_spatial"
+    needs_suite = False
+
+    def __init__(self, suite=None):
+        pass
+
     vla_cameras = ("agentview_rgb", "eye_in_hand_rgb")
     vla_images_upside_down = False
 
@@ -315,3 +320,25 @@ def test_ppo_update_trains_oft_decisions_with_separate_group_clips(folder):
 
     assert step_norm(groups["lora"]) == pytest.approx(1e-3, rel=1e-3)
     assert step_norm(groups["head"]) == pytest.approx(2e-3, rel=1e-3)
+
+
+def test_a_ript_oft_policy_file_loads_through_load_policy(folder, tmp_path):
+    """RIPT's OFT checkpoints are policy files of family openvla_oft (ript.policy): LoRA +
+    heads, the frozen base rebuilt from the checkpoint folder."""
+    from ript.envs import benchmark
+    from ript.policy import load_policy, policy_payload
+    from ript.train.checkpoint import save
+
+    benchmark.register("stub", StubBench)  # what the file names as its benchmark
+    policy = make_policy(folder)
+    named = policy.prepare_rl()
+    with torch.no_grad():
+        for _, p in named:
+            p.add_(0.01)
+    path = tmp_path / "ript.pt"
+    save(path, policy_payload(policy, {"obs_spec": {}}))
+    loaded, meta = load_policy(path)
+    assert type(loaded).__name__ == "OFTRLPolicy" and loaded.family == "openvla_oft"
+    a, b = policy.state_dict(), loaded.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    benchmark.REGISTRY.pop("stub")

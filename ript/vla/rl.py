@@ -347,13 +347,3 @@ def _from_payload(payload: dict, path) -> OFTRLPolicy:
     policy = OFTRLPolicy.from_arch(payload["arch"])
     policy.load_state_dict(payload["state_dict"])
     return policy
-
-
-def register() -> None:
-    """Make `ript.policy.load_policy` read RIPT-OFT policy files (family "openvla_oft")."""
-    from ript.policy import register_family
-
-    register_family("openvla_oft", _from_payload)
-
-
-register()
