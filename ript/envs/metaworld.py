@@ -194,10 +194,11 @@ class MetaWorldFactory:
     """Builds and resets MetaWorld envs in a worker (picklable; no torch)."""
 
     # Idle envs a worker keeps (ript.envs.worker.SlotEnvs). RIPT's groups move a worker's slots
-    # between tasks, so it needs up to slots × tasks envs (default: 8 × 5 = 40); with 32 it
-    # rebuilt 45-72 envs per iteration (issue #16). An env costs ~0.3 s to build and ~25 MB:
-    # 64 keeps the default's envs (≤ 1.6 GB per worker) and gave 1.26× the rollout steps/s of
-    # 32 (interleaved A/B on the default, README "Benchmarks").
+    # between tasks, so it needs up to slots × tasks envs, of which at most `slots` are busy
+    # (default: 16 slots × 5 tasks = 80 = 64 idle + 16 busy); with 32 idle it rebuilt 45-72 envs
+    # per iteration (issue #16). An env costs ~0.3 s to build and ~25 MB: 64 keeps all of the
+    # default's (≈ 2 GB) and gave 1.26× the rollout steps/s of 32 (interleaved A/B on the
+    # default, README "Benchmarks").
     max_idle_envs = 64
 
     def __init__(self, obs, max_episode_steps: int):
