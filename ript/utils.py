@@ -88,6 +88,15 @@ def source_hash(*modules: str, length: int = 12) -> str:
     return h.hexdigest()[:length]
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in 4 MiB pieces (downloads checked against the hub)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def git_revision() -> str:
     """The checkout's commit (with '-dirty' if modified), or 'unknown' outside git."""
     try:

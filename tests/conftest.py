@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -74,15 +75,30 @@ def mlflow_runs(db: Path, experiment: str) -> list:
     return client, client.search_runs([exp.experiment_id], max_results=1000)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models gain nothing from intra-op threads and lose a lot on a busy 2-core box."""
+@contextlib.contextmanager
+def _torch_threads(n: int):
     import torch
 
     old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads and lose a lot on a busy 2-core box."""
+    with _torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """`one_thread` for every test of a module (`pytestmark = usefixtures(...)`)."""
+    with _torch_threads(1):
+        yield
 
 
 @pytest.fixture

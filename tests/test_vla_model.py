@@ -29,12 +29,7 @@ PROMPT = "In: What action should the robot take to {}?\nOut:"
 HEAD = "action_head--150000_checkpoint.pt"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny models: one thread
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ RIPT context (spec §5.2).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 from ript.config import from_dict, to_dict
 from ript.data.hdf5 import FORMAT_VERSION, DataError, demo_keys
 from ript.envs.libero import LiberoDataConfig
-from ript.utils import atomic_path, progress_enabled
+from ript.utils import atomic_path, file_sha256, progress_enabled
 
 STAGING = ".download"  # <raw_dir>/.download/: files wait there until their checksum matches
 MAX_DEMO_STEPS = 600  # RIPT's context window (spec §2.2): a longer demo adds mid-demo contexts
@@ -107,7 +106,7 @@ def _download(cfg: LiberoDataConfig, filename: str, dest: Path, endpoint: str | 
         local_dir=Path(cfg.raw_dir) / STAGING, tqdm_class=_Bar))
     etag = (meta.etag or "").lower()
     if SHA256.fullmatch(etag):  # LFS files (all LIBERO's): the etag is the content's SHA-256
-        digest = _sha256(staged)
+        digest = file_sha256(staged)
         if digest != etag:
             staged.unlink(missing_ok=True)
             raise DataError(f"download of {filename} from {cfg.download_repo}: SHA-256 "
@@ -116,14 +115,6 @@ def _download(cfg: LiberoDataConfig, filename: str, dest: Path, endpoint: str | 
                             f"again to download it afresh")
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staged, dest)  # same file system: the final name appears only when verified
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class _Bar(tqdm):

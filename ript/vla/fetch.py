@@ -19,7 +19,6 @@ lacks, and the command that fills it on a machine with a network.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -28,7 +27,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ript.utils import atomic_path, progress_enabled
+from ript.utils import atomic_path, file_sha256, progress_enabled
 
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
 STATS = "dataset_statistics.json"
@@ -118,14 +117,6 @@ def family(folder: str | Path) -> str:
     return "openvla_oft" if any(Path(folder).glob("action_head--*_checkpoint.pt")) else "openvla"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def manifest(folder: str | Path, repo: str | None = None, revision: str | None = None,
              commit: str | None = None) -> dict:
     """A complete folder's manifest: files and sizes, and where its norm stats come from."""
@@ -135,7 +126,7 @@ def manifest(folder: str | Path, repo: str | None = None, revision: str | None =
     return {"folder": str(folder), "family": family(d),
             "norm_stats": STATS if (d / STATS).is_file() else "config.json",
             "files": dict(sorted(files.items())), "total_bytes": sum(files.values()),
-            "config_sha256": _sha256(d / "config.json"),
+            "config_sha256": file_sha256(d / "config.json"),
             "repo": repo, "revision": revision, "commit": commit}
 
 
@@ -186,7 +177,8 @@ def download(folder: str | Path, repo: str, commit: str, api) -> None:
         if not isinstance(f, RepoFile):
             continue
         path = Path(folder) / f.path
-        if path.stat().st_size != f.size or (f.lfs is not None and _sha256(path) != f.lfs.sha256):
+        if path.stat().st_size != f.size or (f.lfs is not None
+                                             and file_sha256(path) != f.lfs.sha256):
             path.unlink()
             raise FetchError(f"{path}: size or SHA-256 differs from the hub's listing of {repo} at "
                              f"{commit} (damaged in transfer); the file was deleted, run again")
