@@ -2,7 +2,6 @@
 import dataclasses
 import json
 import os
-import shlex
 import sys
 
 from ript.envs.benchmark import get as get_benchmark
@@ -67,6 +66,8 @@ _DATA_KEYS = [f.name for f in dataclasses.fields(BENCHMARK.data_config())]
 
 def data_block(split, task):
     """The data stage's config for one task of `data` (targets) or `pretrain_data`."""
+    from shlex import quote
+
     block = {k: DATA[k] for k in _DATA_KEYS if k in DATA}
     src = PRETRAIN if split == "pretrain_data" else DATA
     block.update(tasks=[task], demos_per_task=src["demos_per_task"])
@@ -86,12 +87,14 @@ def vla_args():
     """The evaluate CLI's `--vla` (the policy block and the suite it acts in), VLAs only."""
     if not VLA:
         return ""
+    from shlex import quote
+
     block = {
         **config["policy"],
         "benchmark": DATA["benchmark"],
         "suite": DATA.get("suite"),
     }
-    return "--vla " + shlex.quote(as_json(block))
+    return f"--vla {quote(as_json(block))}"
 
 
 def sft_model():

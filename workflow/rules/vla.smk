@@ -24,7 +24,8 @@ rule vla_checkpoint:
         revision=config["policy"]["hf_revision"],
         download="" if config["policy"]["download"] else "--no-download",
         code=source_hash("vla/fetch.py"),
+        seed=SEED,
     shell:
         "python -m ript.vla.fetch --folder {params.folder:q} {params.repo} "
         "--revision {params.revision:q} {params.download} --out {output.manifest} "
-        "--seed {SEED} --code-hash {params.code} > {log} 2>&1"
+        "--seed {params.seed} --code-hash {params.code} > {log} 2>&1"
