@@ -29,7 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ript.vla.fake import FAKE_OVERRIDES_FIELD, fake_config, randomise_  # noqa: E402
+from ript.vla.fake import fake_config, randomise_  # noqa: E402
+from ript.vla.prismatic import FAKE_OVERRIDES_FIELD  # noqa: E402
 from ript.vla.heads import (L1RegressionActionHead, LaplaceScaleHead,  # noqa: E402
                             ProprioProjector)
 from ript.vla.prismatic import PrismaticVLA, lora_target_modules  # noqa: E402
@@ -184,7 +185,8 @@ def runner_speed(model, head, proprio, device, steps: int, n_envs: int = 8,
     from ript.envs.libero import suite_tasks
     from ript.envs.worker import EpisodeContext
     from ript.vla.checkpoint import ImagePreprocessing, VLACheckpoint
-    from ript.vla.fake import ACTION_STATS, PROPRIO_STATS, write_tokenizer
+    from ript.vla.fake import ACTION_STATS, PROPRIO_STATS
+    from ript.vla.writer import write_tokenizer
     from ript.vla.policy import VLAPolicy
 
     from transformers import AutoTokenizer

@@ -26,7 +26,8 @@ def blocks() -> dict[str, type]:
     """Config block → the dataclass that holds its keys and defaults."""
     return {"language": S.LanguageConfig, "autoencoder": S.AutoencoderConfig,
             "prior": S.PriorConfig, "finetune": S.FinetuneConfig, "ript": S.RiptConfig,
-            "evaluation": S.EvalConfig, "report": S.ReportConfig, "policy": S.PolicyConfig}
+            "evaluation": S.EvalConfig, "report": S.ReportConfig, "policy": S.PolicyConfig,
+            "vla_sft": S.VlaSftConfig, "scale_head": S.ScaleHeadConfig}
 
 
 def data_config_class(benchmark: str) -> type:
@@ -90,6 +91,11 @@ def check(cfg: dict[str, Any]) -> None:
         require(bench.vla_observations, "policy.family",
                 f"{family} needs a benchmark with VLA observations (renders of both cameras, "
                 f"the 8-d proprio state); {name} has none")
+        if cfg["policy"]["checkpoint"] == S.SCRATCH:
+            require(bool(data.get("image", True)), "data.image",
+                    "policy.checkpoint scratch trains on the demonstrations' images: set true")
+            require(data.get("image_size") == cfg["vla_sft"]["image_size"], "vla_sft.image_size",
+                    f"must equal data.image_size ({data.get('image_size')})")
         return
     recorded = bench.observation_keys(image=data.get("image", True))
     for key in ("lowdim_keys", "rgb_keys"):

@@ -242,8 +242,25 @@ class RiptConfig:
     """Evaluate on held-out contexts every this many iterations (and before the first)."""
     eval_episodes_per_task: int = 10
     """Held-out episodes per task at each in-training evaluation."""
+    # -- OpenVLA-OFT only (vla_spec §4; `lr` is then the LoRA's, `grad_clip` the LoRA group's) --
+    head_lr: float = 5e-5
+    """OFT: AdamW learning rate of the L1 action head (vla_spec §4.4 `header_lr`)."""
+    head_grad_clip: float = 1.0
+    """OFT: gradient-norm clip of the head group, apart from the LoRA's `grad_clip` (§4.4)."""
+    scale_factor: float = 5.0
+    """OFT: rollouts sample a ~ Laplace(μ, s·b) with this s (§4.2; 2 for LIBERO-Spatial)."""
+    lora_rank: int = 32
+    """OFT: rank of the fresh LoRA on every Linear of the LLM (§4.4)."""
+    lora_alpha: int = 16
+    """OFT: LoRA alpha (§4.4)."""
+    train_scale_head: bool = False
+    """OFT: also train the Laplace scale head (every suite config of the original fixes it)."""
 
     def validate(self) -> None:
+        require(self.head_lr > 0 and self.head_grad_clip > 0 and self.scale_factor > 0,
+                "ript.head_lr", "head_lr, head_grad_clip and scale_factor must be > 0")
+        require(self.lora_rank >= 1 and self.lora_alpha >= 1, "ript.lora_rank",
+                "lora_rank and lora_alpha must be >= 1")
         require(self.group_size >= 2, "ript.group_size", "K must be >= 2 (leave-one-out)")
         for k in ("iterations", "contexts_per_iteration", "max_rejected_groups", "n_envs",
                   "minibatch_episodes", "eval_every", "eval_episodes_per_task"):
@@ -290,6 +307,7 @@ class EvalConfig:
 
 
 FAMILIES = ("quest", "openvla", "openvla_oft")
+SCRATCH = "scratch"  # policy.checkpoint of a VLA trained here (block vla_sft)
 
 
 @dataclass
@@ -303,7 +321,8 @@ class PolicyConfig:
     from the L1 head)."""
     checkpoint: str | None = None
     """VLAs: local checkpoint folder in the official layout (relative to the working
-    directory). Filled from `hf_repo` when incomplete and `download` is on."""
+    directory), filled from `hf_repo` when incomplete and `download` is on; or `scratch`:
+    openvla_oft only, a CPU-sized model trained here (block vla_sft)."""
     hf_repo: str | None = None
     """VLAs: Hugging Face model repo of the checkpoint, e.g.
     moojink/openvla-7b-oft-finetuned-libero-spatial."""
@@ -331,6 +350,77 @@ class PolicyConfig:
                                              and all(self.hf_repo.split("/"))),
                     "policy.hf_repo", "must be a Hugging Face repo id, 'owner/name'")
             require(bool(self.hf_revision), "policy.hf_revision", "must not be empty")
+            require(self.checkpoint != SCRATCH or self.family == "openvla_oft",
+                    "policy.checkpoint", "scratch trains an OpenVLA-OFT model (L1 head); "
+                    "use family openvla_oft")
+
+    @property
+    def scratch(self) -> bool:
+        return self.family != "quest" and self.checkpoint == SCRATCH
+
+
+@dataclass
+class VlaSftConfig:
+    """Block `vla_sft` (policy.checkpoint: scratch): a CPU-sized OpenVLA-OFT, the same
+    architecture shrunk (two tiny ViTs, a tiny Llama, OFT's heads), trained here from scratch on
+    the demonstrations by OFT's L1 recipe and written in the official folder layout (issue #15).
+    The data stage must record images (data.image: true) at `image_size`."""
+
+    hidden: int = 64
+    """Llama hidden size."""
+    layers: int = 2
+    """Llama decoder layers."""
+    heads: int = 4
+    """Llama attention heads."""
+    vit_widths: list[int] = field(default_factory=lambda: [32, 48])
+    """Widths of the DINOv2 and the SigLIP ViT."""
+    vit_heads: list[int] = field(default_factory=lambda: [2, 4])
+    """Attention heads of the two ViTs."""
+    vit_depth: int = 3
+    """Blocks per ViT (the featurizers read block depth − 2, as the 7-B model's)."""
+    image_size: int = 64
+    """Side of the policy image (= data.image_size: the renders need no resize)."""
+    patch_size: int = 8
+    """ViT patch side ((image_size / patch_size)² visual tokens per ViT)."""
+    chunk: int = 8
+    """Actions per chunk (OFT's NUM_ACTIONS_CHUNK)."""
+    train: OptimConfig = field(default_factory=lambda: OptimConfig(
+        steps=1500, batch_size=64, lr=5e-4, lr_min=5e-5, grad_clip=1.0, checkpoint_every=250,
+        log_every=25))
+    """Optimisation (L1 on normalised action chunks, every weight trained)."""
+
+    def validate(self) -> None:
+        for k in ("hidden", "layers", "heads", "vit_depth", "image_size", "patch_size", "chunk"):
+            require(getattr(self, k) >= 1, f"vla_sft.{k}", "must be >= 1")
+        require(self.vit_depth >= 2, "vla_sft.vit_depth", "must be >= 2 (block L-2 is read)")
+        require(self.image_size % self.patch_size == 0, "vla_sft.patch_size",
+                "must divide image_size")
+        require(self.hidden % self.heads == 0, "vla_sft.heads", "must divide hidden")
+        require(len(self.vit_widths) == 2 and len(self.vit_heads) == 2, "vla_sft.vit_widths",
+                "vit_widths and vit_heads list the two ViTs (DINOv2, SigLIP)")
+        require(all(w % h == 0 for w, h in zip(self.vit_widths, self.vit_heads)),
+                "vla_sft.vit_heads", "each must divide its ViT's width")
+        self.train.validate()
+
+
+@dataclass
+class ScaleHeadConfig:
+    """Block `scale_head` (OpenVLA-OFT RIPT): RIPT's Laplace scale head (vla_spec §4.1), trained
+    here by the Laplace negative log-likelihood of the demonstrations' action chunks with the
+    policy frozen (the original's SFT code was never released), or a released head file."""
+
+    source: Literal["train", "released"] = "train"
+    """train: the scale-head stage runs; released: `file` (or the checkpoint folder's
+    scale_header.pth) is loaded, no stage runs."""
+    file: str | None = None
+    """released: a {scale_trunk, log_b_head} file; null = <checkpoint>/scale_header.pth."""
+    train: OptimConfig = field(default_factory=lambda: OptimConfig(
+        steps=500, batch_size=64, lr=1e-4, lr_min=1e-5, grad_clip=1.0, checkpoint_every=100,
+        log_every=10))
+    """Optimisation (the paper: 500 steps)."""
+
+    def validate(self) -> None:
+        self.train.validate()
 
 
 @dataclass

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from conftest import REPO
 from ript.vla.checkpoint import (CheckpointFolderError, image_preprocessing, load_checkpoint,
                                  unnorm_key, weight_shapes)
-from ript.vla.fake import TVF_DINO, _write_shards, write_fake_checkpoint
+from ript.vla.fake import TVF_DINO, write_fake_checkpoint
+from ript.vla.writer import _write_shards
 from ript.vla.heads import L1RegressionActionHead, LaplaceScaleHead, ProprioProjector
 from ript.vla.prismatic import (N_ACTION_STATES, PAD_ID, PrismaticVLA, VisionBackbone,
                                 official_key)

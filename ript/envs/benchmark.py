@@ -41,8 +41,8 @@ class Benchmark:
     """RIPT may use task variants as contexts (a start state without a demonstration)."""
     needs_suite: bool = False
     vla_observations: bool = False
-    """The env can observe what the OpenVLA family needs (obs_spec `vla`: 256 px renders of
-    both cameras, the 8-d proprio state; vla_spec §2, §3.2)."""
+    """The env can observe what the OpenVLA family needs (`vla_obs_spec`; LIBERO: 256 px
+    renders of both cameras, the 8-d proprio state; vla_spec §2, §3.2)."""
 
     def __init__(self, suite: str | None = None):
         self.suite = suite
@@ -65,6 +65,10 @@ class Benchmark:
     # -- tasks and contexts ---------------------------------------------------------------
     def task_id(self, task: str) -> int:
         raise NotImplementedError
+
+    def all_task_names(self) -> list[str]:
+        """Every task, indexed by `task_id` (a VLA's task vocabulary)."""
+        return self.tasks("all")
 
     def instruction(self, task: str) -> str:
         """The task's language instruction (what a VLA is prompted with)."""
@@ -106,6 +110,11 @@ class Benchmark:
     """Observation keys of a VLA's images, in the model's order (third-person first)."""
     vla_images_upside_down: bool = False
     """The renders are upside down and a VLA sees them rotated by 180°."""
+
+    def vla_obs_spec(self, image_size: int, replan_period: int) -> dict:
+        """The runner's obs_spec for a VLA whose images are `image_size` px and which reads
+        observations every `replan_period` steps; the default is LIBERO's (256 px renders)."""
+        return {"image": True, "image_size": 256, "vla": True}
 
     def vla_state(self, obs: dict, rows) -> np.ndarray:
         """(n, 8) the proprio state of the slots `rows` before normalisation (OFT's token)."""

@@ -248,7 +248,8 @@ def load_checkpoint(folder: str | Path, *, device: str | torch.device = "cpu",
     hidden = model.hidden_size
     head_file, proprio_file = _one(folder, ACTION_HEAD_GLOB), _one(folder, PROPRIO_GLOB)
     with torch.device("meta"):
-        head, proprio = L1RegressionActionHead(hidden), ProprioProjector(hidden)
+        head = L1RegressionActionHead(hidden, model.action_dim)
+        proprio = ProprioProjector(hidden, model.proprio_dim)
     head = head_file and _component(head_file, head, folder, device, dtype)
     proprio = proprio_file and _component(proprio_file, proprio, folder, device, dtype)
 

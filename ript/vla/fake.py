@@ -25,25 +25,14 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from ript.vla.checkpoint import ACTION_HEAD_GLOB, ADAPTER_DIR, PROPRIO_GLOB
+from ript.vla.checkpoint import ADAPTER_DIR
 from ript.vla.heads import L1RegressionActionHead, LaplaceScaleHead, ProprioProjector
-from ript.vla.prismatic import (FAKE_OVERRIDES_FIELD, FUSED_ARCH, PrismaticVLA,
-                                lora_target_modules, official_key)
+from ript.vla.prismatic import PrismaticVLA, lora_target_modules
+from ript.vla.writer import STEP, TVF_DINO, small_config, write_checkpoint  # noqa: F401
 
-DINO_ID, SIGLIP_ID = "vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_224"
 FAMILIES = ("openvla", "openvla_oft")
-STEP = 150000  # the file step of OFT's spatial / object / libero-10 repos (§3.6)
-# DINOv2 normalisation as the official preprocessor_config.json stores it: rounded to bf16 (§1.5)
-TVF_DINO = {"mean": [0.484375, 0.455078125, 0.40625],
-            "std": [0.228515625, 0.2236328125, 0.224609375]}
-WORDS = ("In What action should the robot take to Out put pick up place it on and of a the black "
-         "white red yellow bowl plate open close drawer top middle bottom turn stove wine bottle "
-         "rack cabinet cream cheese ketchup basket alphabet soup tomato sauce butter milk orange "
-         "juice salad dressing bbq between next ramekin cookie box wooden flat push front back "
-         "left right both mug microwave book caddy table sink pot frying pan").split()
 # LIBERO-like magnitudes (normalised-action bounds, end-effector state); made up, not measured
 ACTION_STATS = {"mean": [0.15, 0.13, -0.15, -0.005, -0.01, -0.005, 0.53],
                 "std": [0.41, 0.35, 0.5, 0.04, 0.065, 0.077, 0.5],
@@ -66,28 +55,11 @@ def fake_config(suite: str, hidden: int = 64, layers: int = 2, heads: int = 4,
     other = {"action": {k: [x * 0.5 for x in v] if k != "mask" else v
                         for k, v in ACTION_STATS.items()},
              "proprio": PROPRIO_STATS, "num_transitions": 1000, "num_trajectories": 10}
-    return {
-        "architectures": ["OpenVLAForActionPrediction"], "model_type": "openvla",
-        "ript_fake": "FAKE: tiny random weights written by ript.vla.fake, not a trained model",
-        FAKE_OVERRIDES_FIELD: {
-            "featurizer": {"embed_dim": vit_widths[0], "depth": vit_depth,
-                           "num_heads": vit_heads[0]},
-            "fused_featurizer": {"embed_dim": vit_widths[1], "depth": vit_depth,
-                                 "num_heads": vit_heads[1]}},
-        "vision_backbone_id": "dinosiglip-vit-so-224px", "llm_backbone_id": "llama2-7b-pure",
-        "arch_specifier": FUSED_ARCH, "use_fused_vision_backbone": True,
-        "timm_model_ids": [DINO_ID, SIGLIP_ID], "timm_override_act_layers": [None, None],
-        "image_sizes": [224, 224], "image_resize_strategy": "resize-naive",
-        "hf_llm_id": "meta-llama/Llama-2-7b-hf", "llm_max_length": 2048, "pad_token_id": 32000,
-        "pad_to_multiple_of": 64, "output_projector_states": False, "n_action_bins": 256,
-        # deliberately another key: dataset_statistics.json must replace these (§2)
-        "norm_stats": {"bridge_orig": other},
-        "text_config": {"model_type": "llama", "hidden_size": hidden,
-                        "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
-                        "num_attention_heads": heads, "num_key_value_heads": heads,
-                        "vocab_size": 32064, "pad_token_id": 32000, "torch_dtype": "bfloat16"},
-        "torch_dtype": "bfloat16", "transformers_version": "4.40.1",
-    }
+    config = small_config(hidden, layers, heads, vit_widths, vit_heads, vit_depth)
+    config["ript_fake"] = "FAKE: tiny random weights written by ript.vla.fake, not a trained model"
+    # deliberately another key: dataset_statistics.json must replace these (§2)
+    config["norm_stats"] = {"bridge_orig": other}
+    return config
 
 
 @torch.no_grad()
@@ -116,70 +88,6 @@ def _built(cls, *args, gen: torch.Generator, **kwargs) -> nn.Module:
     return module
 
 
-def _save_pt(obj, path: Path) -> None:
-    with open(path, "wb") as f:  # a file object: torch would name the archive after the path
-        torch.save(obj, f)
-
-
-def write_tokenizer(folder: Path) -> None:
-    """Llama-2's special ids on a small Unigram vocab padded to 32000 pieces, plus <PAD> 32000."""
-    from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
-    from tokenizers.models import Unigram
-    from transformers import PreTrainedTokenizerFast
-
-    pieces = [("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0)]
-    pieces += [(f"<0x{i:02X}>", -100.0) for i in range(256)]  # byte fallback at 3..258, as Llama
-    chars = [chr(c) for c in range(33, 127)]
-    words = [(f"▁{w}", -5.0) for w in WORDS] + [(w, -6.0) for w in WORDS]
-    words += [(f"▁{c}", -8.0) for c in chars] + [(c, -9.0) for c in chars]
-    seen = {p for p, _ in pieces}
-    pieces += [(p, s) for p, s in dict(words).items() if p not in seen]
-    pieces += [(f"<fake{i}>", -100.0) for i in range(len(pieces), 29871)]
-    pieces.append(("▁", -7.0))  # 29871, the piece OpenVLA appends to every prompt (§1.4)
-    pieces += [(f"<fake{i}>", -100.0) for i in range(29872, 32000)]
-    tok = Tokenizer(Unigram(pieces, unk_id=0, byte_fallback=True))
-    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<unk>", "<s>", "</s>")])
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", padding_side="right",
-                                   model_max_length=2048)
-    fast.add_special_tokens({"pad_token": "<PAD>"})
-    assert fast.convert_tokens_to_ids(["▁", "<PAD>"]) == [29871, 32000]
-    fast.save_pretrained(str(folder))
-
-
-def _preprocessor_config() -> dict:
-    resize = {"antialias": True, "interpolation": 3, "max_size": None, "size": [224, 224]}
-    return {"image_processor_type": "PrismaticImageProcessor",
-            "processor_class": "PrismaticProcessor", "image_resize_strategy": "resize-naive",
-            "use_fused_vision_backbone": True, "input_sizes": [[3, 224, 224], [3, 224, 224]],
-            "interpolations": ["bicubic", "bicubic"],
-            "means": [[0.485, 0.456, 0.406], [0.5, 0.5, 0.5]],
-            "stds": [[0.229, 0.224, 0.225], [0.5, 0.5, 0.5]],
-            "tvf_resize_params": [resize, resize],
-            "tvf_crop_params": [{"output_size": [224, 224]}] * 2,
-            "tvf_normalize_params": [{"inplace": False, **TVF_DINO},
-                                     {"inplace": False, "mean": [0.5] * 3, "std": [0.5] * 3}],
-            "tvf_do_letterbox": False, "tvf_letterbox_fill": None}
-
-
-def _write_shards(folder: Path, state: dict[str, torch.Tensor], n_shards: int) -> None:
-    keys = list(state)
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    names = [f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors" for i in range(n_shards)]
-    weight_map, done = {}, 0
-    for k in keys:  # contiguous runs of keys, cut at equal byte counts
-        weight_map[k] = names[min(n_shards - 1, done * n_shards // max(total, 1))]
-        done += state[k].numel() * state[k].element_size()
-    for name in names:
-        save_file({k: state[k] for k in keys if weight_map[k] == name}, str(folder / name),
-                  metadata={"format": "pt"})
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
 
 def write_fake_checkpoint(folder: str | Path, family: str = "openvla_oft", *,
                           suite: str, seed: int = 0, hidden: int = 64,
@@ -188,35 +96,22 @@ def write_fake_checkpoint(folder: str | Path, family: str = "openvla_oft", *,
     """Write a FAKE checkpoint folder (see module doc); returns its path."""
     if family not in FAMILIES:
         raise ValueError(f"family {family!r}: one of {FAMILIES}")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     config = fake_config(suite, hidden, layers, heads)
     model = _built(PrismaticVLA, config, gen=gen)
-    state = {official_key(k): v.to(torch.bfloat16).contiguous()
-             for k, v in model.state_dict().items()}
-    _write_shards(folder, state, n_shards)
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    (folder / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 32000}, indent=2))
-    (folder / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config(), indent=2))
     stats = {"action": ACTION_STATS, "proprio": PROPRIO_STATS, "num_transitions": 52970,
              "num_trajectories": 432}
-    (folder / "dataset_statistics.json").write_text(
-        json.dumps({f"{suite}_no_noops": stats}, indent=2))
-    write_tokenizer(folder)
+    heads_ = {}
     if family == "openvla_oft":
-        head = _built(L1RegressionActionHead, hidden, gen=gen)
-        proprio = _built(ProprioProjector, hidden, gen=gen)
-        _save_pt({f"module.{k}": v.to(torch.bfloat16) for k, v in head.state_dict().items()},
-                 folder / ACTION_HEAD_GLOB.replace("*", str(STEP)))
-        _save_pt({f"module.{k}": v for k, v in proprio.state_dict().items()},
-                 folder / PROPRIO_GLOB.replace("*", str(STEP)))
+        heads_["action_head"] = _built(L1RegressionActionHead, hidden, gen=gen)
+        heads_["proprio_projector"] = _built(ProprioProjector, hidden, gen=gen)
         scale = _built(LaplaceScaleHead, hidden, gen=gen)
         with torch.no_grad():  # keep RIPT's init meaning: b ≈ e^-3 (§4.1)
             scale.log_b_head.weight.mul_(0.01)
             scale.log_b_head.bias.normal_(-3.0, 0.1, generator=gen)
-        _save_pt(scale.ript_state(), folder / "scale_header.pth")
+        heads_["scale_head"] = scale
+    folder = write_checkpoint(folder, config, model, {f"{suite}_no_noops": stats},
+                              n_shards=n_shards, **heads_)
     if lora:
         _write_lora(model, folder / ADAPTER_DIR, seed)
     return folder

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ript.vla.prismatic import ACTION_DIM, CHUNK
-
-PROPRIO_DIM = 8  # eef position, axis-angle, gripper qpos (§3.2)
+from ript.vla.prismatic import ACTION_DIM, PROPRIO_DIM
 
 
 class MLPResNetBlock(nn.Module):
@@ -46,12 +44,12 @@ class MLPResNet(nn.Module):
         return self.fc2(self.layer_norm2(x))
 
 
-def _chunk_rows(hidden: Tensor) -> Tensor:
+def _chunk_rows(hidden: Tensor, action_dim: int) -> Tensor:
     """(B, 56, H) → (B, 8, 7H): chunk step k concatenates hidden states 7k … 7k+6 (§3.4)."""
     B, n, H = hidden.shape
-    if n != CHUNK * ACTION_DIM:
-        raise ValueError(f"expected {CHUNK * ACTION_DIM} action hidden states, got {n}")
-    return hidden.reshape(B, CHUNK, ACTION_DIM * H)
+    if n % action_dim:
+        raise ValueError(f"{n} action hidden states are not whole chunk steps of {action_dim}")
+    return hidden.reshape(B, n // action_dim, action_dim * H)
 
 
 class L1RegressionActionHead(nn.Module):
@@ -59,14 +57,16 @@ class L1RegressionActionHead(nn.Module):
 
     def __init__(self, hidden_dim: int, action_dim: int = ACTION_DIM, num_blocks: int = 2):
         super().__init__()
+        self.action_dim = action_dim
         self.model = MLPResNet(num_blocks, action_dim * hidden_dim, hidden_dim, action_dim)
 
     def forward(self, hidden: Tensor) -> Tensor:
-        return self.model(_chunk_rows(hidden.to(self.model.fc1.weight.dtype)))
+        return self.model(_chunk_rows(hidden.to(self.model.fc1.weight.dtype), self.action_dim))
 
 
 class ProprioProjector(nn.Module):
-    """8-D normalised state → one LLM token: fc1 8→H, GELU, fc2 H→H (§3.2)."""
+    """8-D normalised state (LIBERO: eef position, axis-angle, gripper qpos) → one LLM token:
+    fc1 8→H, GELU, fc2 H→H (§3.2)."""
 
     def __init__(self, llm_dim: int, proprio_dim: int = PROPRIO_DIM):
         super().__init__()
@@ -84,13 +84,14 @@ class LaplaceScaleHead(nn.Module):
 
     def __init__(self, hidden_dim: int, action_dim: int = ACTION_DIM, num_blocks: int = 2):
         super().__init__()
+        self.action_dim = action_dim
         self.trunk = MLPResNet(num_blocks, action_dim * hidden_dim, hidden_dim, hidden_dim)
         self.log_b_head = nn.Linear(hidden_dim, action_dim)
         nn.init.xavier_uniform_(self.log_b_head.weight, gain=0.01)
         nn.init.constant_(self.log_b_head.bias, -3.0)
 
     def forward(self, hidden: Tensor) -> Tensor:
-        x = _chunk_rows(hidden.to(self.log_b_head.weight.dtype))
+        x = _chunk_rows(hidden.to(self.log_b_head.weight.dtype), self.action_dim)
         return self.log_b_head(self.trunk(x))
 
     def load_ript_state(self, state: dict) -> None:

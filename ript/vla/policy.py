@@ -50,7 +50,7 @@ class VLAPolicy:
         if self.oft and self.proprio_stats is None:
             raise ValueError(f"{ckpt.folder}: statistics {unnorm_key!r} have no 'proprio' "
                              "entry, which OFT's proprio token needs (vla_spec §3.2)")
-        self.chunk = 8 if self.oft else 1
+        self.chunk = ckpt.model.chunk if self.oft else 1
         self._prompts: dict[int, torch.Tensor] = {}
         self.queues: list[deque] = []
 
@@ -105,12 +105,13 @@ class VLAPolicy:
 
     def inputs(self, obs: dict, rows) -> dict:
         """Model inputs of some slots: pixel values (n, 6·images, 224, 224) and, for OFT, the
-        normalised proprio state (n, 8)."""
+        normalised proprio state (n, 8) (sizes of the LIBERO checkpoints)."""
         cams = self.bench.vla_cameras[:2 if self.oft else 1]
         flip = self.bench.vla_images_upside_down
         norm = self.ckpt.image_norm
+        size = self.ckpt.image.size
         px = torch.stack([
-            P.pixel_values([P.policy_image(_hwc(obs[c][r]), crop=self.center_crop,
+            P.pixel_values([P.policy_image(_hwc(obs[c][r]), size, crop=self.center_crop,
                                            upside_down=flip) for c in cams], norm)
             for r in rows])
         out = {"pixel_values": px}
@@ -170,10 +171,11 @@ def load_vla(checkpoint, block: dict, device) -> tuple[VLAPolicy, dict]:
                          f"{'are' if ckpt.family == 'openvla_oft' else 'are not'} there), but "
                          f"policy.family is {block['family']}")
     key = block.get("unnorm_key") or unnorm_key(ckpt.norm_stats, block["suite"])
-    tasks = bench.tasks("all")
+    tasks = bench.all_task_names()
     policy = VLAPolicy(ckpt, bench, tasks, key, center_crop=block.get("center_crop", True),
                        decoding=block.get("decoding", "full"))
-    meta = {"obs_spec": {"image": True, "image_size": 256, "vla": True}, "task_names": tasks,
+    meta = {"obs_spec": bench.vla_obs_spec(ckpt.image.size, policy.replan_period),
+            "task_names": tasks,
             "data": {"benchmark": bench.name, "suite": block.get("suite")},
             "family": ckpt.family, "unnorm_key": key}
     return policy, meta

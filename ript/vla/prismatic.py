@@ -48,11 +48,21 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import LlamaConfig, LlamaForCausalLM
 
 BOS_ID, STOP_ID, EMPTY_PIECE_ID, PAD_ID = 1, 2, 29871, 32000
-CHUNK, ACTION_DIM = 8, 7  # OFT's LIBERO constants (§3.1)
+CHUNK, ACTION_DIM, PROPRIO_DIM = 8, 7, 8  # OFT's LIBERO constants (§3.1, §3.2)
 N_ACTION_STATES = CHUNK * ACTION_DIM
 FUSED_ARCH = "no-align+fused-gelu-mlp"
-# config.json field that only fake checkpoints carry: timm overrides shrinking each ViT (§5.1)
+# config.json fields only our small models carry (fake ones, ript.vla.fake; CPU-sized ones trained
+# here, ript.vla.sft): timm overrides shrinking each ViT (§5.1), and OFT's per-platform constants
+# (its prismatic/vla/constants.py picks them by robot; absent = LIBERO's, as the official files)
 FAKE_OVERRIDES_FIELD = "ript_fake_timm_overrides"
+CONSTANTS_FIELD = "ript_oft_constants"
+
+
+def oft_constants(config: dict) -> tuple[int, int, int]:
+    """(NUM_ACTIONS_CHUNK, ACTION_DIM, PROPRIO_DIM) of a checkpoint's config.json."""
+    c = config.get(CONSTANTS_FIELD) or {}
+    return (int(c.get("NUM_ACTIONS_CHUNK", CHUNK)), int(c.get("ACTION_DIM", ACTION_DIM)),
+            int(c.get("PROPRIO_DIM", PROPRIO_DIM)))
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 _LS = ("ls1.gamma", "ls2.gamma")
 
@@ -191,6 +201,8 @@ class PrismaticVLA(nn.Module):
         if config.get("arch_specifier", FUSED_ARCH) != FUSED_ARCH:
             raise ValueError(f"arch_specifier {config['arch_specifier']!r}: only {FUSED_ARCH}")
         self.vla_config = config
+        self.chunk, self.action_dim, self.proprio_dim = oft_constants(config)
+        self.n_action_states = self.chunk * self.action_dim
         text = LlamaConfig(**config["text_config"])  # absent fields: LlamaConfig defaults (§1.3)
         text._attn_implementation = attn_implementation
         self.vision_backbone = VisionBackbone(
@@ -262,14 +274,15 @@ class PrismaticVLA(nn.Module):
         n = self._prompt_lengths(input_ids, attention_mask)
         visual = self.visual_tokens(pixel_values, proprio, proprio_projector)
         text = self._embed(input_ids)
-        zeros = text.new_zeros(N_ACTION_STATES, text.shape[-1])
+        zeros = text.new_zeros(self.n_action_states, text.shape[-1])
         stop = self._embed(input_ids.new_tensor([STOP_ID]))
         embeds, valid = _stack_rows([torch.cat([text[b, :1], visual[b], text[b, 1:n[b]], zeros,
                                                 stop]) for b in range(len(n))])
         B, L = valid.shape
         positions = torch.arange(L, device=valid.device).expand(B, L)
         h = self._decode(embeds, positions, valid[:, None, :].expand(B, L, L))
-        idx = (visual.shape[1] + n - 1)[:, None] + torch.arange(N_ACTION_STATES, device=n.device)
+        idx = (visual.shape[1] + n - 1)[:, None] + torch.arange(self.n_action_states,
+                                                                device=n.device)
         return h[torch.arange(B, device=n.device)[:, None], idx]
 
     @torch.no_grad()
@@ -294,7 +307,7 @@ class PrismaticVLA(nn.Module):
         B, L = cache.valid.shape
         last = self._embed(cache.last_ids)[:, None]
         stop = self._embed(cache.last_ids.new_full((B, 1), STOP_ID))
-        embeds = torch.cat([last, last.new_zeros(B, N_ACTION_STATES, last.shape[-1]), stop], 1)
+        embeds = torch.cat([last, last.new_zeros(B, self.n_action_states, last.shape[-1]), stop], 1)
         q = embeds.shape[1]
         positions = cache.lengths[:, None] + torch.arange(q, device=cache.valid.device)
         keys = torch.cat([cache.valid, cache.valid.new_ones(B, q)], dim=1)

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from ript.vla import processing as P
 from ript.vla.heads import LaplaceScaleHead
 from ript.vla.policy import VLAPolicy, _hwc
-from ript.vla.prismatic import CHUNK, PAD_ID, lora_target_modules
+from ript.vla.prismatic import PAD_ID, lora_target_modules
 
 LOG_SCALE_CLIP = (-2.0, 0.5)  # `log_scale_clip` of every suite config (§4.2)
 SCALE_HEAD_FILE = "scale_header.pth"  # RIPT's released {scale_trunk, log_b_head} (§4.1)
@@ -146,7 +146,7 @@ class OFTRLPolicy(VLAPolicy, nn.Module):
         self.vla, self.action_head = ckpt.model, ckpt.action_head
         self.proprio_projector = ckpt.proprio_projector
         p = next(self.action_head.parameters())
-        head = LaplaceScaleHead(self.vla.hidden_size)
+        head = LaplaceScaleHead(self.vla.hidden_size, self.vla.action_dim)
         if scale_head == "auto":
             scale_head = ckpt.folder / SCALE_HEAD_FILE
             scale_head = scale_head if scale_head.is_file() else None
@@ -188,7 +188,8 @@ class OFTRLPolicy(VLAPolicy, nn.Module):
     def observe(self, obs: dict, rows, tid: int) -> dict[str, Tensor]:
         """What a decision keeps to be recomputed: policy images, normalised proprio, prompt."""
         cams, flip = self.bench.vla_cameras[:2], self.bench.vla_images_upside_down
-        images = np.stack([[P.policy_image(_hwc(obs[c][r]), crop=self.center_crop,
+        size = self.ckpt.image.size
+        images = np.stack([[P.policy_image(_hwc(obs[c][r]), size, crop=self.center_crop,
                                            upside_down=flip) for c in cams] for r in rows])
         state = P.normalize_proprio(self.bench.vla_state(obs, rows), self.proprio_stats)
         ids = torch.full((len(rows), self.prompt_width), PAD_ID, dtype=torch.long)
@@ -227,7 +228,7 @@ class OFTRLPolicy(VLAPolicy, nn.Module):
         """fn((μ, log b), tokens) per model call over rows sharing a prompt (as `act` batches
         them: no padding, §4.3), at most `max_rows` at a time; rows back in input order."""
         if tokens.shape[0] == 0:
-            return tokens.new_zeros(0, CHUNK)
+            return tokens.new_zeros(0, self.chunk)
         groups = torch.unique(context["input_ids"], dim=0, return_inverse=True)[1].cpu()
         idx = []
         for g in range(int(groups.max()) + 1):
@@ -320,7 +321,7 @@ class OFTRLPolicy(VLAPolicy, nn.Module):
     @property
     def meta(self) -> dict:
         """As `ript.vla.policy.load_vla` returns it."""
-        return {"obs_spec": {"image": True, "image_size": 256, "vla": True},
+        return {"obs_spec": self.bench.vla_obs_spec(self.ckpt.image.size, self.replan_period),
                 "task_names": self.task_vocab, "family": self.family,
                 "data": {"benchmark": self.arch["benchmark"], "suite": self.arch["suite"]},
                 "unnorm_key": self.unnorm_key}
