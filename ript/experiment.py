@@ -84,6 +84,12 @@ def check(cfg: dict[str, Any]) -> None:
         value = cfg[block][field]
         require(value <= bench.step_limit, key, f"{value} is more than {name}'s episode limit "
                                                 f"of {bench.step_limit} steps")
+    subset = cfg["ript"]["tasks"]
+    if subset is not None:
+        targets = bench.tasks(data["tasks"])
+        require(bool(subset) and set(subset) <= set(targets), "ript.tasks",
+                f"must be a non-empty subset of data.tasks; not among them: "
+                f"{sorted(set(subset) - set(targets))}")
     family = cfg["policy"]["family"]
     if family != "quest":
         # A VLA acts where the env observes what it needs (vla_spec §2, §3); its stages 0-2 are
@@ -91,6 +97,9 @@ def check(cfg: dict[str, Any]) -> None:
         require(bench.vla_observations, "policy.family",
                 f"{family} needs a benchmark with VLA observations (renders of both cameras, "
                 f"the 8-d proprio state); {name} has none")
+        require(family == "openvla_oft" or not cfg["ript"]["enabled"], "ript.enabled",
+                f"RIPT trains openvla_oft (Laplace policy) and quest; {family} is evaluated as "
+                f"released: set false")
         if cfg["policy"]["checkpoint"] == S.SCRATCH:
             require(bool(data.get("image", True)), "data.image",
                     "policy.checkpoint scratch trains on the demonstrations' images: set true")

@@ -125,7 +125,9 @@ def stage_curves(stage_rows: dict[str, list[dict]], out: Path, dpi: int) -> None
     fig, axes = plt.subplots(1, len(stage_rows), figsize=_panels_size(len(stage_rows)),
                              squeeze=False)
     for ax, (name, rows) in zip(axes[0], stage_rows.items()):
-        key = "recon_l1" if name == "autoencoder" else "ce"
+        # QueST: reconstruction L1 / token cross-entropy; the VLA stages log `loss` (L1, NLL)
+        key = ("recon_l1" if name == "autoencoder"
+               else next((k for k in ("ce", "loss") if any(k in r for r in rows)), "loss"))
         pts = [(r["step"], r[key]) for r in rows if key in r]
         ax.plot(*zip(*pts), label=key)
         ax.set_xlabel("step")
@@ -192,8 +194,10 @@ def build(cfg: ReportConfig, *, sft_table, ript_table, ript_metrics, stage_metri
     if ript is not None and set(sft) != set(ript):
         raise ValueError(f"SFT and RIPT were evaluated on different tasks: {sorted(sft)} vs "
                          f"{sorted(ript)}")
-    family = (full_config.get("policy") or {}).get("family", "quest")
-    label = "SFT" if family == "quest" else f"{family} checkpoint"
+    policy = full_config.get("policy") or {}
+    family = policy.get("family", "quest")
+    trained_here = family == "quest" or policy.get("checkpoint") == "scratch"
+    label = "SFT" if trained_here else f"{family} checkpoint"
     bar_chart(sft, ript, {"SFT": ps, "RIPT": pr}, out_dir / "success.png", cfg.dpi, label)
     if ript_metrics:
         curves(read_jsonl(ript_metrics),

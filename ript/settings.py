@@ -190,8 +190,13 @@ class FinetuneConfig:
 class RiptConfig:
     """Block `ript` (spec §5.9; defaults = the shipped LIBERO scripts)."""
 
+    enabled: bool = True
+    """Run RIPT; false evaluates the SFT policy (or a VLA checkpoint) as it is."""
     iterations: int = 15
     """RIPT iterations (rollout collection + PPO); 15 for LIBERO-90, 30 for the suites."""
+    tasks: list[str] | None = None
+    """Train on the contexts of these tasks only (a subset of data.tasks); evaluation still
+    covers every task. null = all (the LIBERO-Long and -Object OFT scripts use 4 of 10)."""
     contexts: Literal["demos", "train_variants"] = "demos"
     """Context set D_c: one per SFT demo, its first MuJoCo state (the paper, §5.2), or every
     non-held-out MetaWorld task variant (MetaWorld only: contexts need no demonstration; more
@@ -415,7 +420,7 @@ class ScaleHeadConfig:
     file: str | None = None
     """released: a {scale_trunk, log_b_head} file; null = <checkpoint>/scale_header.pth."""
     train: OptimConfig = field(default_factory=lambda: OptimConfig(
-        steps=500, batch_size=64, lr=1e-4, lr_min=1e-5, grad_clip=1.0, checkpoint_every=100,
+        steps=500, batch_size=64, lr=3e-3, lr_min=3e-4, grad_clip=1.0, checkpoint_every=100,
         log_every=10))
     """Optimisation (the paper: 500 steps)."""
 

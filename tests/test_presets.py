@@ -77,30 +77,64 @@ VLA_PRESETS = {
 def test_every_preset_is_listed():
     found = {p.stem for p in (REPO / "config").glob("*.yaml")}
     # metaworld_random5: the default's settings on a second, random task set (README "Results")
-    assert found - {"config", "tests", "paper", "original", "metaworld_random5"} == \
-        set(PRESETS) | set(VLA_PRESETS)
+    # metaworld_oft: the CPU-sized OpenVLA-OFT (tests/test_vla_ript_pipeline.py)
+    assert found - {"config", "tests", "paper", "original", "metaworld_random5",
+                    "metaworld_oft"} == set(PRESETS) | set(VLA_PRESETS)
 
 
 @needs_libero
 @pytest.mark.parametrize("preset", sorted(VLA_PRESETS))
 def test_vla_preset_evaluates_the_checkpoint_with_the_originals_settings(preset, repo):
     """The checkpoint replaces stages 0-2 (no QueST job), every task of the suite is evaluated
-    50 times with the suite's step limit (vla_spec §2 table), from the preset's repo."""
+    50 times with the suite's step limit (vla_spec §2 table), from the preset's repo; OFT's
+    presets then run RIPT with the script's values (vla_spec §4, ript_spec §5.11) from RIPT's
+    released scale head, the discrete OpenVLA's evaluate the checkpoint as released."""
     from ript.envs.libero import VLA_STEP_LIMITS
 
     family, suite, hf_repo = VLA_PRESETS[preset]
-    proc = dry_run(repo, f"{preset}.yaml")
+    cfg = yaml.safe_load((REPO / "config" / f"{preset}.yaml").read_text())
+    head = cfg.get("scale_head", {}).get("file")
+    if head:  # the released head the preset names (a user puts it there)
+        (repo / head).parent.mkdir(parents=True, exist_ok=True)
+        (repo / head).write_bytes(b"")
+    try:
+        proc = dry_run(repo, f"{preset}.yaml")
+    finally:
+        if head:
+            (repo / head).unlink()
     jobs = planned(proc)
-    assert jobs == {"mlflow_init": 1, "vla_checkpoint": 1, "evaluate": 10, "aggregate": 1,
-                    "report": 1}
-    cfg = ran_config(proc)
-    assert cfg["policy"]["family"] == family and cfg["policy"]["hf_repo"] == hf_repo
-    assert cfg["data"]["suite"] == suite
-    assert cfg["evaluation"]["episodes_per_task"] == 50
-    assert cfg["evaluation"]["max_episode_steps"] == VLA_STEP_LIMITS[suite]
+    if family == "openvla_oft":
+        assert jobs == {"mlflow_init": 1, "vla_checkpoint": 1, "demos": 10, "ript": 1,
+                        "evaluate": 20, "aggregate": 2, "report": 1}
+    else:
+        assert jobs == {"mlflow_init": 1, "vla_checkpoint": 1, "evaluate": 10, "aggregate": 1,
+                        "report": 1}
+    ran = ran_config(proc)
+    assert ran["policy"]["family"] == family and ran["policy"]["hf_repo"] == hf_repo
+    assert ran["data"]["suite"] == suite
+    assert ran["evaluation"]["episodes_per_task"] == 50
+    assert ran["evaluation"]["max_episode_steps"] == VLA_STEP_LIMITS[suite]
     out = proc.stdout + proc.stderr
     assert f"--repo {hf_repo}" in out and "--vla" in out
-    assert cfg == resolve(yaml.safe_load((REPO / "config" / f"{preset}.yaml").read_text()))
+    assert ran == resolve(cfg)
+    if family == "openvla_oft":  # the script's values (vla_spec §4.4-4.6)
+        r = ran["ript"]
+        assert (r["group_size"], r["contexts_per_iteration"], r["iterations"]) == (8, 24, 12)
+        assert (r["ppo_epochs"], r["clip_low"], r["clip_high"]) == (1, 0.1, 0.1)
+        assert (r["lr"], r["head_lr"]) == ((1e-5, 1e-5) if suite == "libero_goal"
+                                           else (5e-5, 5e-5))
+        assert r["scale_factor"] == (2.0 if suite == "libero_spatial" else 5.0)
+        assert r["max_episode_steps"] == VLA_STEP_LIMITS[suite]
+        assert f"--scale-head {head}" in out
+
+
+@needs_libero
+def test_oft_preset_without_its_scale_head_stops_before_any_job(repo):
+    proc = dry_run(repo, "openvla_oft_libero_goal.yaml", check=False)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "scale_head.file" in out and "checkpoints/ript-scale-heads/goal" in out
+    assert "Traceback" not in out
 
 
 @needs_libero

@@ -33,19 +33,33 @@ from ript.settings import RiptConfig
 from ript.stage import add_common_args, code_hash, load_block, setup_threads, stage_tracker
 from ript.train import checkpoint as ckpt
 from ript.train.loop import decay_groups, gpu_memory
+from ript.train.sft import data_meta
 from ript.utils import derived_seed, progress, seed_everything
 
 
 class Ript:
     """One RIPT run: policy, optimizer, context sampler, runner; `step()` is one iteration."""
 
-    def __init__(self, cfg: RiptConfig, init: Path, files: list[Path], seed: int, dist: Dist):
+    def __init__(self, cfg: RiptConfig, init: Path, files: list[Path], seed: int, dist: Dist,
+                 vla: dict | None = None, scale_head: Path | None = None):
         self.cfg, self.seed, self.dist = cfg, seed, dist
-        self.policy, self.meta = load_policy(init)  # any family with the RLPolicy methods
+        self.init, self.vla, self.scale_head = init, vla, scale_head
+        self.policy, self.meta = self._load()  # any family with the RLPolicy methods
         self.policy.to(dist.device)
         named = self.policy.prepare_rl()
         self.params = [p for _, p in named]
-        self.opt = torch.optim.AdamW(decay_groups(self.policy, named, cfg.weight_decay), lr=cfg.lr)
+        self.group_clips = None
+        if hasattr(self.policy, "param_groups"):  # OFT: LoRA and heads, own LRs and clips (§4.4)
+            g = self.policy.param_groups()
+            self.opt = torch.optim.AdamW(
+                [{"params": g["lora"], "lr": cfg.lr}, {"params": g["head"], "lr": cfg.head_lr}],
+                betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+            self.group_clips = [(g["lora"], cfg.grad_clip), (g["head"], cfg.head_grad_clip)]
+        else:
+            self.opt = torch.optim.AdamW(decay_groups(self.policy, named, cfg.weight_decay),
+                                         lr=cfg.lr)
+        if vla is not None:  # the checkpoint knows no data: the demonstration files do
+            self.meta = {**self.meta, "data": {**data_meta(files), **self.meta["data"]}}
         self.data = self.meta["data"]
         self.benchmark = of_data(self.data)
         try:
@@ -53,8 +67,12 @@ class Ript:
                                                           self.data)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if cfg.tasks is not None:  # RL on a subset; `self.tasks` (evaluation) keeps them all
+            all_tasks = sorted({c.task for c in self.contexts})
+            self.contexts = [c for c in self.contexts if c.task in cfg.tasks]
         self.sampler = ContextSampler(self.contexts, seed, dist.rank, dist.world)
-        self.tasks = sorted({c.task for c in self.contexts})
+        self.tasks = all_tasks if cfg.tasks is not None else sorted({c.task
+                                                                      for c in self.contexts})
         # e.g. LIBERO demo contexts are restored with set_init_state, correct reset order (§2.6)
         self.runner = self.benchmark.make_runner(self.meta["obs_spec"], cfg.n_envs,
                                                  cfg.n_workers, cfg.max_episode_steps,
@@ -62,11 +80,19 @@ class Ript:
         self.ppo = PPOConfig(cfg.clip_low, cfg.clip_high, cfg.token_level_mean, cfg.kl_coef)
         self.reference = None
         if cfg.kl_coef > 0:
-            self.reference, _ = load_policy(init)
+            self.reference, _ = self._load()
             self.reference.to(dist.device)
         # Per-rank buffer size and minibatch (spec §5.3 step 3, §5.6).
         self.rank_groups = math.ceil(cfg.contexts_per_iteration / dist.world)
         self.rank_minibatch = max(1, cfg.minibatch_episodes // dist.world)
+
+    def _load(self):
+        if self.vla is None:
+            return load_policy(self.init)
+        from ript.vla.rl import rl_policy
+
+        return rl_policy(self.init, self.vla, self.cfg, scale_head=self.scale_head,
+                         seed=self.seed, device=self.dist.device)
 
     def state(self, iteration: int, run_id: str | None, resume_key: dict) -> dict:
         positions = self.dist.sum([self.sampler.position if r == self.dist.rank else 0
@@ -88,8 +114,15 @@ class Ript:
         ctxs = [c for t in self.tasks for c in self.benchmark.eval_contexts(
             t, self.cfg.eval_episodes_per_task, self.seed, self.data)]
         ctxs = ctxs[self.dist.rank::self.dist.world]
-        recs = self.runner.run(self.policy, ctxs, seed=derived_seed(self.seed, 7, iteration,
-                                                                    self.dist.rank))
+        sampling = getattr(self.policy, "sampling", None)
+        if sampling is not None:
+            self.policy.sampling = False  # OFT evaluates its mean action (vla_spec §4.6)
+        try:
+            recs = self.runner.run(self.policy, ctxs, seed=derived_seed(self.seed, 7, iteration,
+                                                                        self.dist.rank))
+        finally:
+            if sampling is not None:
+                self.policy.sampling = sampling
         sums = self.dist.sum([sum(r.success for r in recs if r.task == t) for t in self.tasks]
                              + [sum(r.task == t for r in recs) for t in self.tasks])
         n = len(self.tasks)
@@ -118,7 +151,7 @@ class Ript:
             self.rank_minibatch, cfg.grad_clip,
             torch.Generator().manual_seed(derived_seed(self.seed, self.dist.rank, iteration, 3)),
             all_reduce_grads=self.dist.average_grads if self.dist.enabled else None,
-            ref_log_prob_fn=ref)
+            ref_log_prob_fn=ref, group_clips=self.group_clips)
         t2 = time.perf_counter()
         s = self.dist.sum([st.episodes, st.successes, st.env_steps, st.groups_kept,
                            st.groups_rejected, st.errors, st.groups_errored])
@@ -156,10 +189,13 @@ def run(args, cfg: RiptConfig) -> dict:
     dist = Dist()
     seed_everything(args.seed)
     out, files = Path(args.out), [Path(f) for f in args.data]
-    ript = Ript(cfg, Path(args.init), files, args.seed, dist)
+    vla = load_block(args.vla) if args.vla else None
+    scale_head = Path(args.scale_head) if args.scale_head else None
+    ript = Ript(cfg, Path(args.init), files, args.seed, dist, vla, scale_head)
     ckpt_dir = out.parent / "ckpt"
-    resume_key = ckpt.resume_key(to_dict(cfg), args.seed, [*files, Path(args.init)],
-                                 code_hash(args), world=dist.world)
+    inputs = [*files, Path(args.init), *([scale_head] if scale_head else [])]
+    resume_key = ckpt.resume_key(to_dict(cfg), args.seed, inputs, code_hash(args),
+                                 world=dist.world, vla=vla)
     resume = ckpt.load_resume_state(ckpt_dir / "latest.pt", resume_key)
     start = ript.restore(resume) if resume else 0
     if resume and dist.is_main:
@@ -215,7 +251,12 @@ def _log(dist: Dist, tracker, metrics: dict, step: int) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_common_args(p)
-    p.add_argument("--init", required=True, help="SFT policy file (stage 1 or 2)")
+    p.add_argument("--init", required=True, help="SFT policy file (stage 1 or 2); for a VLA "
+                   "(--vla) its checkpoint manifest or folder")
+    p.add_argument("--vla", default=None, help="OpenVLA-OFT: the policy block (JSON) with "
+                   "benchmark and suite, as the evaluate stage takes it")
+    p.add_argument("--scale-head", default=None, help="OpenVLA-OFT: the scale-head file "
+                   "(default: the checkpoint folder's scale_header.pth)")
     p.add_argument("--data", nargs="+", required=True, help="demonstration files (contexts)")
     p.add_argument("--out", required=True)
     p.add_argument("--metrics", required=True)

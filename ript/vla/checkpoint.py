@@ -263,6 +263,12 @@ def load_checkpoint(folder: str | Path, *, device: str | torch.device = "cpu",
                          adapter=adapter_path)
 
 
+def checkpoint_folder(path: str | Path) -> Path:
+    """The folder a fetch or scratch-SFT manifest (JSON) names; a folder is itself."""
+    path = Path(path)
+    return Path(json.loads(path.read_text())["folder"]) if path.is_file() else path
+
+
 def unnorm_key(norm_stats: dict, suite: str) -> str:
     """The statistics key of a task suite: `suite`, else `{suite}_no_noops` (§2)."""
     for key in (suite, f"{suite}_no_noops"):

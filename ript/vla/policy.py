@@ -91,7 +91,7 @@ class VLAPolicy:
             chunk = self.predict(obs, rows, int(tid))  # (len(rows), chunk, 7) env actions
             for r, actions in zip(rows, chunk):
                 self.queues[r].extend(actions)
-        out = np.zeros((B, 7))
+        out = np.zeros((B, self.ckpt.model.action_dim))
         for i in np.flatnonzero(active):
             out[i] = self.queues[i].popleft()
         return out, None, replan
@@ -150,14 +150,18 @@ def load_vla(checkpoint, block: dict, device) -> tuple[VLAPolicy, dict]:
     `block` the config's `policy` block plus the `benchmark` and `suite` it acts in.
     -> (policy, meta) as `ript.policy.load_policy` returns them. bf16 on a GPU, float32 on the
     CPU (vla_spec §5)."""
-    import json
     from pathlib import Path
 
     from ript.envs.benchmark import get
-    from ript.vla.checkpoint import load_checkpoint, unnorm_key
+    from ript.vla.checkpoint import checkpoint_folder, load_checkpoint, unnorm_key
 
-    path = Path(checkpoint)
-    folder = json.loads(path.read_text())["folder"] if path.is_file() else path
+    if Path(checkpoint).suffix == ".pt":  # a RIPT-trained policy file (ript.vla.rl)
+        from ript.policy import load_policy
+
+        policy, meta = load_policy(checkpoint)
+        policy.sampling = False  # evaluation executes μ (vla_spec §4.6)
+        return policy, meta
+    folder = checkpoint_folder(checkpoint)
     bench = get(block["benchmark"], block.get("suite"))
     if not bench.vla_observations:
         raise ValueError(f"{block['family']} needs a benchmark with VLA observations; "
@@ -170,12 +174,14 @@ def load_vla(checkpoint, block: dict, device) -> tuple[VLAPolicy, dict]:
         raise ValueError(f"{folder} holds an {ckpt.family} checkpoint (OFT's action head files "
                          f"{'are' if ckpt.family == 'openvla_oft' else 'are not'} there), but "
                          f"policy.family is {block['family']}")
-    key = block.get("unnorm_key") or unnorm_key(ckpt.norm_stats, block["suite"])
+    key = block.get("unnorm_key") or unnorm_key(ckpt.norm_stats, block.get("suite") or bench.name)
     tasks = bench.all_task_names()
     policy = VLAPolicy(ckpt, bench, tasks, key, center_crop=block.get("center_crop", True),
                        decoding=block.get("decoding", "full"))
     meta = {"obs_spec": bench.vla_obs_spec(ckpt.image.size, policy.replan_period),
             "task_names": tasks,
-            "data": {"benchmark": bench.name, "suite": block.get("suite")},
+            "data": {"benchmark": bench.name, "suite": block.get("suite"),
+                     **({"eval_variants": block["eval_variants"]}
+                        if block.get("eval_variants") else {})},
             "family": ckpt.family, "unnorm_key": key}
     return policy, meta

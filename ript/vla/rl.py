@@ -179,7 +179,7 @@ class OFTRLPolicy(VLAPolicy, nn.Module):
             for r, actions in zip(rows, env):
                 self.queues[r].extend(actions)
             parts.append((rows, dec))
-        out = np.zeros((B, 7))
+        out = np.zeros((B, self.ckpt.model.action_dim))
         for i in np.flatnonzero(active):
             out[i] = self.queues[i].popleft()
         decision = _cat_rows(parts) if parts and self.sampling else None
@@ -309,14 +309,14 @@ class OFTRLPolicy(VLAPolicy, nn.Module):
 
     @property
     def arch(self) -> dict:
-        return {"folder": str(self.ckpt.folder),
+        return {"folder": _portable(self.ckpt.folder),
                 "adapter": str(self.ckpt.adapter) if self.ckpt.adapter else None,
                 "benchmark": getattr(self.bench, "name", None),
                 "suite": getattr(self.bench, "suite", None), "task_names": self.task_vocab,
                 "unnorm_key": self.unnorm_key, "center_crop": self.center_crop,
                 "scale_factor": self.scale_factor, "log_scale_clip": self.log_scale_clip,
                 "train_scale_head": self.train_scale_head, "lora": dict(self.lora),
-                "scale_head_file": self.scale_head_file}
+                "scale_head_file": self.scale_head_file and _portable(self.scale_head_file)}
 
     @property
     def meta(self) -> dict:
@@ -342,6 +342,41 @@ class OFTRLPolicy(VLAPolicy, nn.Module):
                    log_scale_clip=arch["log_scale_clip"], scale_head=arch["scale_head_file"],
                    train_scale_head=arch["train_scale_head"], lora_rank=arch["lora"]["r"],
                    lora_alpha=arch["lora"]["alpha"], lora_seed=arch["lora"]["seed"])
+
+
+def _portable(path) -> str:
+    """A path under the working directory (the repository root) as a relative one, so results
+    stay valid when the repository moves; others as they are."""
+    import os
+
+    rel = os.path.relpath(path)
+    return str(path) if rel.startswith("..") else rel
+
+
+def rl_policy(checkpoint, block: dict, cfg, *, scale_head=None, seed: int = 0,
+              device="cpu") -> tuple[OFTRLPolicy, dict]:
+    """RIPT's starting policy: the checkpoint (a manifest or folder), `block` = the config's
+    `policy` block + `benchmark`/`suite`, `cfg` = the `ript` block (scale factor, LoRA), the
+    scale head from `scale_head` (the stage's file) or else the folder's released one."""
+    from ript.envs.benchmark import get
+    from ript.vla.checkpoint import checkpoint_folder, load_checkpoint, unnorm_key
+
+    bench = get(block["benchmark"], block.get("suite"))
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    ckpt = load_checkpoint(checkpoint_folder(checkpoint), device=device, dtype=dtype,
+                           adapter=None)  # merged already (ript.vla.policy.load_vla)
+    key = block.get("unnorm_key") or unnorm_key(ckpt.norm_stats, block.get("suite")
+                                                or bench.name)
+    head = Path(scale_head) if scale_head else ckpt.folder / SCALE_HEAD_FILE
+    if not head.is_file():  # never a silent fresh head: b ≈ e^-3 would be a different policy
+        raise FileNotFoundError(f"no Laplace scale head at {head}: train one (scale_head.source: "
+                                f"train) or put RIPT's released {SCALE_HEAD_FILE} there")
+    policy = OFTRLPolicy(ckpt, bench, bench.all_task_names(), key,
+                         center_crop=block.get("center_crop", True),
+                         scale_factor=cfg.scale_factor, scale_head=head,
+                         train_scale_head=cfg.train_scale_head, lora_rank=cfg.lora_rank,
+                         lora_alpha=cfg.lora_alpha, lora_seed=seed)
+    return policy, policy.meta
 
 
 def _from_payload(payload: dict, path) -> OFTRLPolicy:

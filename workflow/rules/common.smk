@@ -80,7 +80,27 @@ def data_block(split, task):
 # 0-2; the fetch stage's manifest stands for it in the DAG (workflow/rules/vla.smk).
 FAMILY = config["policy"]["family"]
 VLA = FAMILY != "quest"
-VLA_MANIFEST = f"{RESULTS}/checkpoint/manifest.json"
+# policy.checkpoint "scratch": a CPU-sized OFT trained here (rule vla_sft) instead of a download
+SCRATCH = VLA and config["policy"]["checkpoint"] == "scratch"
+# the manifest that stands for the checkpoint in the DAG (rule vla_checkpoint or vla_sft)
+VLA_MANIFEST = f"{RESULTS}/{'vla_sft' if SCRATCH else 'checkpoint'}/manifest.json"
+# RIPT runs for QueST and for OpenVLA-OFT (Laplace policy, ript/vla/rl.py) unless switched off;
+# OpenVLA (discrete) is evaluated as released (ript/experiment.py says so for ript.enabled)
+RIPT = config["ript"]["enabled"]
+# OFT's RIPT needs a Laplace scale head: trained by rule scale_head, or the released file
+SCALE_HEAD = (
+    f"{RESULTS}/scale_head/scale_header.pth"
+    if RIPT and FAMILY == "openvla_oft" and config["scale_head"]["source"] == "train"
+    else None
+)
+# a released head is the user's file: say so before the first job, not when RIPT starts
+_HEAD_FILE = config["scale_head"]["file"]
+if RIPT and FAMILY == "openvla_oft" and not SCALE_HEAD and _HEAD_FILE:
+    if not os.path.isfile(_HEAD_FILE):
+        raise WorkflowError(
+            f"config error: scale_head.file: {_HEAD_FILE} not found: put RIPT's released scale "
+            "head there ({scale_trunk, log_b_head}), or train one (scale_head.source: train)"
+        )
 
 
 def vla_args():
@@ -89,12 +109,30 @@ def vla_args():
         return ""
     from shlex import quote
 
+    return f"--vla {quote(as_json(vla_block()))}"
+
+
+def vla_block():
+    """The policy block and where it acts (benchmark, suite, held-out split)."""
     block = {
         **config["policy"],
         "benchmark": DATA["benchmark"],
         "suite": DATA.get("suite"),
     }
-    return f"--vla {quote(as_json(block))}"
+    if DATA.get("eval_variants"):
+        block["eval_variants"] = DATA["eval_variants"]
+    return block
+
+
+def ript_vla_args():
+    """The RIPT CLI's `--vla` and `--scale-head` (OpenVLA-OFT only)."""
+    if not VLA:
+        return ""
+    from shlex import quote
+
+    args = f"--vla {quote(as_json(vla_block()))}"
+    head = SCALE_HEAD or config["scale_head"]["file"]
+    return args + (f" --scale-head {quote(str(head))}" if head else "")
 
 
 def sft_model():
@@ -111,9 +149,12 @@ def policy_model(policy):
 
 
 def stage_metrics():
-    # no supervised stage runs for a VLA: the checkpoint is the released fine-tuning
+    # a released VLA checkpoint is the fine-tuning; a scratch one's training and a trained
+    # scale head are stages here
     if VLA:
-        return []
+        return [f"{RESULTS}/vla_sft/metrics.jsonl"] * SCRATCH + (
+            [f"{RESULTS}/scale_head/metrics.jsonl"] if SCALE_HEAD else []
+        )
     stages = ["autoencoder", "prior"] + (
         ["finetune"] if config["finetune"]["enabled"] else []
     )

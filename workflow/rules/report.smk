@@ -1,34 +1,42 @@
 # The report: success before/after RIPT with intervals, RIPT curves, SFT losses, wall times.
 
 
-REPORT_FIGURES = (
-    {}
-    if VLA
-    else {
-        "curves": report(
-            f"{RESULTS}/report/ript_curves.png",
-            caption="../report/ript_curves.rst",
-            category="Report",
-        ),
-        "losses": report(
-            f"{RESULTS}/report/sft_losses.png",
-            caption="../report/sft_losses.rst",
-            category="Report",
-        ),
-    }
-)
+# RIPT curves and stage losses exist only where those stages ran (a released OpenVLA checkpoint
+# is evaluated as it is)
+REPORT_FIGURES = {
+    **(
+        {
+            "curves": report(
+                f"{RESULTS}/report/ript_curves.png",
+                caption="../report/ript_curves.rst",
+                category="Report",
+            )
+        }
+        if RIPT
+        else {}
+    ),
+    **(
+        {
+            "losses": report(
+                f"{RESULTS}/report/sft_losses.png",
+                caption="../report/sft_losses.rst",
+                category="Report",
+            )
+        }
+        if stage_metrics()
+        else {}
+    ),
+}
 
 
 rule report:
     input:
         # the per-policy tables (ript.results) hold every success number the report shows
         sft_table=f"{RESULTS}/eval/sft/table.csv",
-        # a VLA checkpoint is evaluated as released: no RIPT run yet (issue #15)
-        ript_table=[] if VLA else f"{RESULTS}/eval/ript/table.csv",
-        ript_metrics=[] if VLA else rules.ript.output.metrics,
+        ript_table=f"{RESULTS}/eval/ript/table.csv" if RIPT else [],
+        ript_metrics=rules.ript.output.metrics if RIPT else [],
         stage_metrics=stage_metrics(),
     output:
-        # RIPT curves and stage losses exist only where those stages ran (not for a VLA yet)
         **REPORT_FIGURES,
         html=report(
             f"{RESULTS}/report/index.html",

@@ -6,6 +6,7 @@ rule ript:
     input:
         data=DATA_FILES,
         init=sft_model(),
+        scale_head=SCALE_HEAD or [],
     output:
         model=f"{RESULTS}/ript/model.pt",
         metrics=f"{RESULTS}/ript/metrics.jsonl",
@@ -26,12 +27,14 @@ rule ript:
             "rl",
             "envs",
             "models",
+            "vla",
             "policy.py",
             "train/checkpoint.py",
             "data/dataset.py",
         ),
         launcher=lambda w, resources: launcher(resources),
+        vla=ript_vla_args(),
     shell:
-        "{params.launcher} -m ript.rl.ript --init {input.init} --data {input.data} "
+        "{params.launcher} -m ript.rl.ript --init {input.init} --data {input.data} {params.vla} "
         "--config {params.cfg:q} --out {output.model} --metrics {output.metrics} "
         "--seed {params.seed} --code-hash {params.code} > {log} 2>&1"
