@@ -215,6 +215,10 @@ class RiptConfig:
     """PPO passes over each iteration's buffer."""
     minibatch_episodes: int = 6
     """Episodes per PPO minibatch over all ranks."""
+    ppo_micro_rows: int = 0
+    """Backpropagate a minibatch this many (episode, step) rows at a time: the same gradient
+    with bounded activation memory (a 7-B VLA; the original: one step per backward). 0 = the
+    whole minibatch at once."""
     lr: float = 1e-6
     """AdamW learning rate of the prior (constant, as the original effectively is, §8 B8)."""
     weight_decay: float = 1e-4
@@ -271,6 +275,7 @@ class RiptConfig:
                   "minibatch_episodes", "eval_every", "eval_episodes_per_task"):
             require(getattr(self, k) >= 1, f"ript.{k}", "must be >= 1")
         require(self.ppo_epochs >= 0, "ript.ppo_epochs", "must be >= 0")
+        require(self.ppo_micro_rows >= 0, "ript.ppo_micro_rows", "must be >= 0 (0 = off)")
         require(0 < self.early_stop_fraction <= 1, "ript.early_stop_fraction", "must be in (0, 1]")
         require(0 <= self.clip_low < 1 and self.clip_high >= 0, "ript.clip_low",
                 "needs 0 <= clip_low < 1 and clip_high >= 0")

@@ -111,6 +111,55 @@ def aggregate_loss(
     return ep_mean.sum() / n_episodes
 
 
+def row_weights(batch: Batch, token_level_mean: bool) -> Tensor:
+    """(N,) w such that `aggregate_loss` = Σ_rows w_row · Σ_tokens loss: both aggregations are
+    linear in the per-token losses, which lets a minibatch be backpropagated in row chunks."""
+    n_tok = batch.logp_old.shape[-1] if batch.logp_old.dim() == 2 else 0
+    valid = batch.valid_episode[batch.episode_index].to(batch.logp_old.dtype)
+    if token_level_mean:
+        return valid / (valid.sum() * n_tok + _EPS_COUNT)
+    per_ep = torch.zeros(batch.n_episodes, dtype=valid.dtype).index_add(
+        0, batch.episode_index.cpu(), torch.full_like(valid.cpu(), float(n_tok)))
+    return valid / (per_ep.to(valid.device)[batch.episode_index].clamp_min(1.0)
+                    * max(batch.n_episodes, 1))
+
+
+def _chunked_backward(policy_log_prob_fn, batch: Batch, cfg: PPOConfig, micro_rows: int,
+                      ref_log_prob_fn, check) -> dict[str, float]:
+    """The minibatch's PPO loss, backpropagated `micro_rows` rows at a time (a 7-B policy
+    cannot hold the graph of a whole minibatch, vla_spec §4.5: the original backpropagates
+    per inference step). The gradient equals that of `ppo_loss` on the whole minibatch."""
+    w = row_weights(batch, cfg.token_level_mean)
+    n_all = batch.n_tokens
+    sums = {"loss": 0.0, "clipped": 0.0, "ratio": 0.0, "k3": 0.0, "kl_ref": 0.0}
+    for start in range(0, len(batch), micro_rows):
+        sl = slice(start, start + micro_rows)
+        from ript.rl.buffer import rows
+
+        logp_new = policy_log_prob_fn(rows(batch.contexts, sl), batch.tokens[sl])
+        old = batch.logp_old[sl]
+        check(logp_new, old)
+        loss_tok, ratio, clipped = clipped_surrogate(logp_new, old, batch.advantages[sl],
+                                                     cfg.clip_low, cfg.clip_high)
+        part = (loss_tok.sum(-1) * w[sl]).sum()
+        if cfg.kl_coef > 0.0 and ref_log_prob_fn is not None:
+            with torch.no_grad():
+                ref = ref_log_prob_fn(rows(batch.contexts, sl), batch.tokens[sl])
+            kl = _k3(ref - logp_new).sum() / (n_all + _EPS_COUNT)
+            part = part + cfg.kl_coef * kl
+            sums["kl_ref"] += float(kl.detach())
+        part.backward()
+        sums["loss"] += float(part.detach())
+        sums["clipped"] += float(clipped.float().sum())
+        sums["ratio"] += float(ratio.sum())
+        sums["k3"] += float(_k3(logp_new.detach() - old).sum())
+    out = {"loss": sums["loss"], "clip_frac": sums["clipped"] / n_all,
+           "ratio_mean": sums["ratio"] / n_all, "approx_kl": sums["k3"] / n_all}
+    if cfg.kl_coef > 0.0 and ref_log_prob_fn is not None:
+        out["kl_ref"] = sums["kl_ref"]
+    return out
+
+
 def _k3(log_r: Tensor) -> Tensor:
     """k3 KL estimator per sample: (r − 1) − log r, r = exp(log_r); ≥ 0, unbiased."""
     return torch.expm1(log_r) - log_r
@@ -184,6 +233,7 @@ def ppo_update(
     ref_log_prob_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     ratio_check_tol: float | None = None,
     group_clips: list[tuple[list[torch.nn.Parameter], float]] | None = None,
+    micro_rows: int | None = None,
 ) -> dict[str, float]:
     """Run ``epochs`` PPO passes over ``buffer`` (spec §5.6, §5.10 step 5).
 
@@ -214,6 +264,8 @@ def ppo_update(
     check) raises RuntimeError.
 
     Args:
+        micro_rows: backpropagate each minibatch this many (episode, step) rows at a time
+            (same gradient, bounded activation memory; None = the whole minibatch at once).
         group_clips: [(params, max_norm)]: clip each group's gradient norm separately instead
             of the global ``grad_clip`` (RIPT's OFT: LoRA and heads at 1.0 each, vla_spec
             §4.4); the reported grad_norm is then the norm over all groups before clipping.
@@ -251,6 +303,24 @@ def ppo_update(
     stepped_once = False
     _clear_grads()
 
+    def check(logp_new, logp_old) -> None:
+        """Until the first step ρ must be 1 (spec §5.5, §8 B15); records the largest |ρ−1|."""
+        nonlocal initial_dev
+        if stepped_once:
+            return
+        dev_max = float((logp_new.detach() - logp_old).exp().sub(1).abs().max())
+        initial_dev = max(initial_dev, dev_max)
+        if dev_max > tol:
+            _clear_grads()
+            raise RuntimeError(
+                f"PPO ratio is not 1 before the first update (max |ρ−1| = "
+                f"{dev_max:.3g} > {tol:g}): the recomputed log-probs "
+                "differ from the stored behaviour log-probs. Is the policy in "
+                "train mode (dropout on; call .eval() for the PPO phase), were its "
+                "weights changed since sampling, or were ℓ_old stored from a "
+                "truncated (top-k) distribution? (spec §5.5, §8 B12, B15)"
+            )
+
     for epoch in range(epochs):
         for mb, batch in enumerate(buffer.minibatches(minibatch_size, generator)):
             n_mb += 1
@@ -258,31 +328,24 @@ def ppo_update(
             has_tokens = batch.n_tokens > 0
             stats: dict[str, float] = {}
             if has_tokens:
-                logp_new = policy_log_prob_fn(batch.contexts, batch.tokens)
-                logp_ref = None
-                if use_ref:
-                    with torch.no_grad():
-                        logp_ref = ref_log_prob_fn(batch.contexts, batch.tokens)
-                loss, stats = ppo_loss(logp_new, batch, cfg, logp_ref)
+                if micro_rows is not None and len(batch) > micro_rows:
+                    stats = _chunked_backward(policy_log_prob_fn, batch, cfg, micro_rows,
+                                              ref_log_prob_fn if use_ref else None, check)
+                else:
+                    logp_new = policy_log_prob_fn(batch.contexts, batch.tokens)
+                    logp_ref = None
+                    if use_ref:
+                        with torch.no_grad():
+                            logp_ref = ref_log_prob_fn(batch.contexts, batch.tokens)
+                    loss, stats = ppo_loss(logp_new, batch, cfg, logp_ref)
+                    check(logp_new, batch.logp_old)
+                    if math.isfinite(stats["loss"]):
+                        loss.backward()
                 if not math.isfinite(stats["loss"]):
                     _clear_grads()
                     raise FloatingPointError(
                         f"non-finite PPO loss {stats['loss']} (epoch {epoch}, minibatch {mb})"
                     )
-                if not stepped_once:
-                    dev_max = float((logp_new.detach() - batch.logp_old).exp().sub(1).abs().max())
-                    initial_dev = max(initial_dev, dev_max)
-                    if dev_max > tol:
-                        _clear_grads()
-                        raise RuntimeError(
-                            f"PPO ratio is not 1 before the first update (max |ρ−1| = "
-                            f"{dev_max:.3g} > {tol:g}): the recomputed log-probs "
-                            "differ from the stored behaviour log-probs. Is the policy in "
-                            "train mode (dropout on; call .eval() for the PPO phase), were its "
-                            "weights changed since sampling, or were ℓ_old stored from a "
-                            "truncated (top-k) distribution? (spec §5.5, §8 B12, B15)"
-                        )
-                loss.backward()
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_loss_mb += 1

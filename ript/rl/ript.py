@@ -151,7 +151,8 @@ class Ript:
             self.rank_minibatch, cfg.grad_clip,
             torch.Generator().manual_seed(derived_seed(self.seed, self.dist.rank, iteration, 3)),
             all_reduce_grads=self.dist.average_grads if self.dist.enabled else None,
-            ref_log_prob_fn=ref, group_clips=self.group_clips)
+            ref_log_prob_fn=ref, group_clips=self.group_clips,
+            micro_rows=cfg.ppo_micro_rows or None)
         t2 = time.perf_counter()
         s = self.dist.sum([st.episodes, st.successes, st.env_steps, st.groups_kept,
                            st.groups_rejected, st.errors, st.groups_errored])

@@ -80,7 +80,7 @@ def run(args, cfg: ScaleHeadConfig) -> dict:
     key = ckpt.resume_key(to_dict(cfg), args.seed, [*files, Path(args.checkpoint)],
                           code_hash(args), center_crop=args.center_crop)
     resume = ckpt.load_resume_state(ckpt_dir / "latest.pt", key)
-    with stage_tracker(args, "scale_head", to_dict(cfg), metrics=ckpt_dir / "metrics.jsonl",
+    with stage_tracker(args, "scale-head", to_dict(cfg), metrics=ckpt_dir / "metrics.jsonl",
                        run_id=resume["mlflow_run_id"] if resume else None) as tracker:
         if not resume and tracker.metrics_path.exists():
             tracker.metrics_path.unlink()

@@ -99,7 +99,7 @@ def run(args, cfg: VlaSftConfig) -> dict:
     key = ckpt.resume_key(to_dict(cfg), args.seed, files, code_hash(args),
                           center_crop=args.center_crop)
     resume = ckpt.load_resume_state(ckpt_dir / "latest.pt", key)
-    with stage_tracker(args, "vla_sft", to_dict(cfg), metrics=ckpt_dir / "metrics.jsonl",
+    with stage_tracker(args, "vla-sft", to_dict(cfg), metrics=ckpt_dir / "metrics.jsonl",
                        run_id=resume["mlflow_run_id"] if resume else None) as tracker:
         if not resume and tracker.metrics_path.exists():
             tracker.metrics_path.unlink()
