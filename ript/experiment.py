@@ -97,9 +97,6 @@ def check(cfg: dict[str, Any]) -> None:
         require(bench.vla_observations, "policy.family",
                 f"{family} needs a benchmark with VLA observations (renders of both cameras, "
                 f"the 8-d proprio state); {name} has none")
-        require(family == "openvla_oft" or not cfg["ript"]["enabled"], "ript.enabled",
-                f"RIPT trains openvla_oft (Laplace policy) and quest; {family} is evaluated as "
-                f"released: set false")
         if cfg["policy"]["checkpoint"] == S.SCRATCH:
             require(bool(data.get("image", True)), "data.image",
                     "policy.checkpoint scratch trains on the demonstrations' images: set true")

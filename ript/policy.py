@@ -70,6 +70,15 @@ def _openvla_oft(payload: dict, path):
 register_family("openvla_oft", _openvla_oft)  # RIPT-trained OFT: LoRA + heads (ript/vla/rl.py)
 
 
+def _openvla(payload: dict, path):
+    from ript.vla.rl_openvla import _from_payload
+
+    return _from_payload(payload, path)
+
+
+register_family("openvla", _openvla)  # RIPT-trained OpenVLA: LoRA (ript/vla/rl_openvla.py)
+
+
 def load_policy(checkpoint: str | Path):
     """A policy file, or `scripted:expert` / `scripted:random` → (policy, meta).
 

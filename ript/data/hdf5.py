@@ -95,3 +95,19 @@ def check_settings(path: str | Path, attrs: dict[str, Any], expected: dict[str, 
     if diffs:
         raise DataError(f"{path}: made with other settings than the config asks for "
                         f"({'; '.join(diffs)}). Delete it or re-run the data stage.")
+
+
+def data_meta(files: list[str | Path]) -> dict:
+    """Settings shared by all data files; refuses files made with different settings."""
+    metas = []
+    for f in files:
+        with open_file(f) as h:
+            metas.append(file_attrs(h))
+    keys = ("env_name", "suite", "image", "image_size", "eval_variants", "benchmark_seed",
+            "action_noise")
+    first = {k: metas[0].get(k) for k in keys}
+    for f, m in zip(files[1:], metas[1:]):
+        diff = {k: (m.get(k), first[k]) for k in keys if m.get(k) != first[k]}
+        if diff:
+            raise ValueError(f"{f}: made with other settings than {files[0]}: {diff}")
+    return {**first, "tasks": [m["task"] for m in metas]}

@@ -23,6 +23,7 @@ import torch
 
 from ript.config import ConfigError, from_dict, to_dict
 from ript.data.dataset import load_contexts
+from ript.data.hdf5 import data_meta
 from ript.envs.benchmark import of_data
 from ript.policy import load_policy, policy_payload
 from ript.rl.buffer import RolloutBuffer, cat_rows, rows, to_device
@@ -33,7 +34,6 @@ from ript.settings import RiptConfig
 from ript.stage import add_common_args, code_hash, load_block, setup_threads, stage_tracker
 from ript.train import checkpoint as ckpt
 from ript.train.loop import decay_groups, gpu_memory
-from ript.train.sft import data_meta
 from ript.utils import derived_seed, progress, seed_everything
 
 
@@ -50,11 +50,13 @@ class Ript:
         self.params = [p for _, p in named]
         self.group_clips = None
         if hasattr(self.policy, "param_groups"):  # OFT: LoRA and heads, own LRs and clips (§4.4)
-            g = self.policy.param_groups()
-            self.opt = torch.optim.AdamW(
-                [{"params": g["lora"], "lr": cfg.lr}, {"params": g["head"], "lr": cfg.head_lr}],
-                betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
-            self.group_clips = [(g["lora"], cfg.grad_clip), (g["head"], cfg.head_grad_clip)]
+            g = self.policy.param_groups()  # OpenVLA (discrete) has no head group
+            groups = [(g["lora"], cfg.lr, cfg.grad_clip), (g["head"], cfg.head_lr,
+                                                           cfg.head_grad_clip)]
+            groups = [x for x in groups if x[0]]
+            self.opt = torch.optim.AdamW([{"params": ps, "lr": lr} for ps, lr, _ in groups],
+                                         betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+            self.group_clips = [(ps, clip) for ps, _, clip in groups]
         else:
             self.opt = torch.optim.AdamW(decay_groups(self.policy, named, cfg.weight_decay),
                                          lr=cfg.lr)

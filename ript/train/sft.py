@@ -21,7 +21,7 @@ import torch
 
 from ript.config import from_dict, require, to_dict
 from ript.data.dataset import SequenceDataset, load_contexts
-from ript.data.hdf5 import file_attrs, open_file
+from ript.data.hdf5 import data_meta  # noqa: F401 (a name tests use)
 from ript.envs.benchmark import of_data
 from ript.envs.worker import EpisodeContext
 from ript.models import ObsEncoder, QuestPolicy, SkillGPT, SkillVAE
@@ -35,22 +35,6 @@ from ript.utils import derived_seed, seed_everything
 STAGE_CONFIGS = {0: AutoencoderConfig, 1: PriorConfig, 2: FinetuneConfig}
 STAGE_NAMES = {0: "autoencoder", 1: "prior", 2: "finetune"}
 VALIDATION_STREAM = 11  # derived_seed tag of validation rollouts: a stream of their own
-
-
-def data_meta(files: list[Path]) -> dict:
-    """Settings shared by all data files; refuses files made with different settings."""
-    metas = []
-    for f in files:
-        with open_file(f) as h:
-            metas.append(file_attrs(h))
-    keys = ("env_name", "suite", "image", "image_size", "eval_variants", "benchmark_seed",
-            "action_noise")
-    first = {k: metas[0].get(k) for k in keys}
-    for f, m in zip(files[1:], metas[1:]):
-        diff = {k: (m.get(k), first[k]) for k in keys if m.get(k) != first[k]}
-        if diff:
-            raise ValueError(f"{f}: made with other settings than {files[0]}: {diff}")
-    return {**first, "tasks": [m["task"] for m in metas]}
 
 
 def task_vocabulary(meta: dict, embedding_files: list[Path]) -> tuple[list[str], object]:

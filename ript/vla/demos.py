@@ -27,6 +27,17 @@ from ript.vla import processing as P
 from ript.vla.prismatic import PAD_ID
 
 
+def add_demo_args(p) -> None:
+    """The flags of the stages that learn from demonstrations (ript.vla.sft, .scale_head)."""
+    import argparse
+
+    p.add_argument("--data", nargs="+", required=True, help="demonstration files (with images)")
+    p.add_argument("--benchmark", required=True)
+    p.add_argument("--suite", default=None)
+    p.add_argument("--center-crop", action=argparse.BooleanOptionalAction, default=True,
+                   help="the centre-cropped image, as the policy will see it")
+
+
 def _stats(x: np.ndarray) -> dict:
     x = np.asarray(x, np.float64)
     return {"mean": x.mean(0).tolist(), "std": x.std(0).tolist(), "max": x.max(0).tolist(),

@@ -344,7 +344,12 @@ class PrismaticVLA(nn.Module):
         if top_k is None:
             return logits.argmax(-1)
         vals, idx = (logits.float() / temperature).topk(top_k, dim=-1)
-        choice = torch.multinomial(vals.softmax(-1), 1, generator=generator)
+        probs = vals.softmax(-1)
+        if generator is not None and generator.device != probs.device:
+            # the runners' seeded CPU generator: draw there, the same tokens on any device
+            choice = torch.multinomial(probs.to(generator.device), 1, generator=generator)
+            return idx.gather(-1, choice.to(idx.device))[:, 0]
+        choice = torch.multinomial(probs, 1, generator=generator)
         return idx.gather(-1, choice)[:, 0]
 
     @torch.no_grad()

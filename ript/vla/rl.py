@@ -126,6 +126,7 @@ class OFTRLPolicy(VLAPolicy, nn.Module):
     """
 
     family = "openvla_oft"
+    head_names = ("action_head", "scale_head")  # modules a policy file stores beside the LoRA
 
     def __init__(self, ckpt, bench, task_names: list[str], unnorm_key: str, *,
                  center_crop: bool = True, scale_factor: float = 5.0,
@@ -155,6 +156,7 @@ class OFTRLPolicy(VLAPolicy, nn.Module):
             head.load_ript_state(torch.load(scale_head, map_location="cpu", weights_only=True))
         self.scale_head = head.to(p.device, p.dtype).eval()
         self.prompt_width = max(len(self.prompt(t)) for t in range(len(self.task_vocab)))
+        self.n_scored = self.chunk  # PPO tokens per decision: one per chunk step
         self._peft = None  # the PeftModel around the LLM once `attach_lora` ran (not a child)
 
     # -- nn.Module, not VLAPolicy's no-op versions ---------------------------------------------
@@ -175,7 +177,7 @@ class OFTRLPolicy(VLAPolicy, nn.Module):
             rows = np.flatnonzero(replan & (task == tid))
             chunk, dec = self.plan(self.observe(obs, rows, int(tid)), generator)
             env = self.bench.vla_env_actions(
-                P.unnormalize_actions(chunk, self.action_stats, eps=1e-8))
+                P.unnormalize_actions(chunk, self.action_stats, eps=1e-8 if self.oft else 0.0))
             for r, actions in zip(rows, env):
                 self.queues[r].extend(actions)
             parts.append((rows, dec))
@@ -187,16 +189,19 @@ class OFTRLPolicy(VLAPolicy, nn.Module):
 
     def observe(self, obs: dict, rows, tid: int) -> dict[str, Tensor]:
         """What a decision keeps to be recomputed: policy images, normalised proprio, prompt."""
-        cams, flip = self.bench.vla_cameras[:2], self.bench.vla_images_upside_down
+        cams = self.bench.vla_cameras[:2 if self.oft else 1]  # OFT: both cameras (§3.2)
+        flip = self.bench.vla_images_upside_down
         size = self.ckpt.image.size
         images = np.stack([[P.policy_image(_hwc(obs[c][r]), size, crop=self.center_crop,
                                            upside_down=flip) for c in cams] for r in rows])
-        state = P.normalize_proprio(self.bench.vla_state(obs, rows), self.proprio_stats)
         ids = torch.full((len(rows), self.prompt_width), PAD_ID, dtype=torch.long)
         prompt = self.prompt(tid)
         ids[:, :len(prompt)] = prompt
-        return {"images": torch.from_numpy(images),
-                "proprio": torch.as_tensor(state, dtype=torch.float32), "input_ids": ids}
+        out = {"images": torch.from_numpy(images), "input_ids": ids}
+        if self.oft:  # OpenVLA has no proprio token (§2)
+            state = P.normalize_proprio(self.bench.vla_state(obs, rows), self.proprio_stats)
+            out["proprio"] = torch.as_tensor(state, dtype=torch.float32)
+        return out
 
     def plan(self, context: dict, generator=None) -> tuple[np.ndarray, OFTDecision | None]:
         """One replanning call → (normalised chunk (n, 8, 7), record or None if not sampling)."""
@@ -228,7 +233,7 @@ class OFTRLPolicy(VLAPolicy, nn.Module):
         """fn((μ, log b), tokens) per model call over rows sharing a prompt (as `act` batches
         them: no padding, §4.3), at most `max_rows` at a time; rows back in input order."""
         if tokens.shape[0] == 0:
-            return tokens.new_zeros(0, self.chunk)
+            return tokens.new_zeros(0, self.n_scored)
         groups = torch.unique(context["input_ids"], dim=0, return_inverse=True)[1].cpu()
         idx = []
         for g in range(int(groups.max()) + 1):
@@ -289,7 +294,7 @@ class OFTRLPolicy(VLAPolicy, nn.Module):
         `scale_head.*`. The frozen base comes from `arch["folder"]`."""
         out = {f"lora.{n}": p.detach() for n, p in self.vla.language_model.named_parameters()
                if ".lora_" in n}
-        for name in ("action_head", "scale_head"):
+        for name in self.head_names:
             out.update({f"{name}.{k}": v for k, v in getattr(self, name).state_dict().items()})
         return out
 
@@ -357,7 +362,8 @@ def rl_policy(checkpoint, block: dict, cfg, *, scale_head=None, seed: int = 0,
               device="cpu") -> tuple[OFTRLPolicy, dict]:
     """RIPT's starting policy: the checkpoint (a manifest or folder), `block` = the config's
     `policy` block + `benchmark`/`suite`, `cfg` = the `ript` block (scale factor, LoRA), the
-    scale head from `scale_head` (the stage's file) or else the folder's released one."""
+    scale head from `scale_head` (the stage's file) or else the folder's released one. An
+    OpenVLA (discrete) checkpoint gives `ript.vla.rl_openvla.OpenVLARLPolicy`."""
     from ript.envs.benchmark import get
     from ript.vla.checkpoint import checkpoint_folder, load_checkpoint, unnorm_key
 
@@ -367,6 +373,14 @@ def rl_policy(checkpoint, block: dict, cfg, *, scale_head=None, seed: int = 0,
                            adapter=None)  # merged already (ript.vla.policy.load_vla)
     key = block.get("unnorm_key") or unnorm_key(ckpt.norm_stats, block.get("suite")
                                                 or bench.name)
+    if ckpt.family == "openvla":  # the discrete family: token-level PPO, no heads
+        from ript.vla.rl_openvla import OpenVLARLPolicy
+
+        policy = OpenVLARLPolicy(ckpt, bench, bench.all_task_names(), key,
+                                 center_crop=block.get("center_crop", True),
+                                 lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                                 lora_seed=seed)
+        return policy, policy.meta
     head = Path(scale_head) if scale_head else ckpt.folder / SCALE_HEAD_FILE
     if not head.is_file():  # never a silent fresh head: b ≈ e^-3 would be a different policy
         raise FileNotFoundError(f"no Laplace scale head at {head}: train one (scale_head.source: "

@@ -33,7 +33,7 @@ from ript.train import checkpoint as ckpt
 from ript.train.loop import decay_groups, train_loop
 from ript.utils import seed_everything
 from ript.vla.checkpoint import checkpoint_folder, load_checkpoint, unnorm_key
-from ript.vla.demos import VLADemos, prompt_table
+from ript.vla.demos import VLADemos, add_demo_args, prompt_table
 from ript.vla.heads import LaplaceScaleHead
 from ript.vla.prismatic import PAD_ID
 from ript.vla.rl import laplace_log_prob, pixel_values
@@ -100,11 +100,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_common_args(p)
     p.add_argument("--checkpoint", required=True, help="checkpoint manifest (JSON) or folder")
-    p.add_argument("--data", nargs="+", required=True, help="demonstration files (with images)")
-    p.add_argument("--benchmark", required=True)
-    p.add_argument("--suite", default=None)
+    add_demo_args(p)
     p.add_argument("--unnorm-key", default=None)
-    p.add_argument("--center-crop", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--out", required=True, help="the head file to write (scale_header.pth)")
     p.add_argument("--metrics", required=True)
     a = p.parse_args(argv)

@@ -33,7 +33,7 @@ from ript.train import checkpoint as ckpt
 from ript.train.loop import decay_groups, train_loop
 from ript.utils import seed_everything
 from ript.vla.checkpoint import image_preprocessing
-from ript.vla.demos import VLADemos, prompt_table, statistics
+from ript.vla.demos import VLADemos, add_demo_args, prompt_table, statistics
 from ript.vla.heads import L1RegressionActionHead, ProprioProjector
 from ript.vla.prismatic import PrismaticVLA
 from ript.vla.rl import pixel_values
@@ -122,11 +122,7 @@ def run(args, cfg: VlaSftConfig) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_common_args(p)
-    p.add_argument("--data", nargs="+", required=True, help="demonstration files (with images)")
-    p.add_argument("--benchmark", required=True)
-    p.add_argument("--suite", default=None)
-    p.add_argument("--center-crop", action=argparse.BooleanOptionalAction, default=True,
-                   help="train on the centre-cropped image, as the policy will see it")
+    add_demo_args(p)
     p.add_argument("--out", required=True, help="manifest (JSON); the folder is model/ beside it")
     p.add_argument("--metrics", required=True)
     a = p.parse_args(argv)
