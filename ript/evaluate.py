@@ -106,13 +106,15 @@ def _eval_main(argv) -> dict:
     setup_threads(args)
     seed_everything(args.seed)
     device = resolve_device(args.device)
-    if args.vla:
+    if args.vla and Path(args.checkpoint).suffix != ".pt":  # a checkpoint folder or manifest
         from ript.vla.policy import load_vla
 
         policy, meta = load_vla(args.checkpoint, load_block(args.vla), device)
-    else:
+    else:  # a policy file: QueST's, or a RIPT-trained VLA's (LoRA + heads)
         policy, meta = load_policy(args.checkpoint)
         policy = place_policy(policy, device)
+        if hasattr(policy, "sampling"):
+            policy.sampling = False  # a VLA evaluates its mean / greedy action (vla_spec §4.6)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     failed = {"episodes": out / "episodes.failed.csv", "summary": out / "summary.failed.json"}

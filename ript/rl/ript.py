@@ -91,7 +91,7 @@ class Ript:
     def _load(self):
         if self.vla is None:
             return load_policy(self.init)
-        from ript.vla.rl import rl_policy
+        from ript.vla.rl_init import rl_policy
 
         return rl_policy(self.init, self.vla, self.cfg, scale_head=self.scale_head,
                          seed=self.seed, device=self.dist.device)

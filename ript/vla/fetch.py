@@ -28,11 +28,10 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ript.utils import atomic_path, file_sha256, progress_enabled
+from ript.vla.folder import STATS, family, manifest
 
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
-STATS = "dataset_statistics.json"
 HEAD = re.compile(r"action_head--(.+)_checkpoint\.pt")  # OFT's heads are saved per step (§3.6)
-BOOKKEEPING = ".cache"  # huggingface_hub's local_dir metadata: <folder>/.cache/huggingface/
 
 
 class FetchError(Exception):
@@ -110,24 +109,6 @@ def missing_files(folder: str | Path) -> list[str]:
     elif problem and cfg is not None and not cfg.get("norm_stats"):
         missing.append(f"{STATS} (config.json has no norm_stats to unnormalise actions)")
     return missing
-
-
-def family(folder: str | Path) -> str:
-    """The model family: openvla_oft if the folder holds an OFT action head (§3.6)."""
-    return "openvla_oft" if any(Path(folder).glob("action_head--*_checkpoint.pt")) else "openvla"
-
-
-def manifest(folder: str | Path, repo: str | None = None, revision: str | None = None,
-             commit: str | None = None) -> dict:
-    """A complete folder's manifest: files and sizes, and where its norm stats come from."""
-    d = Path(folder)
-    files = {p.relative_to(d).as_posix(): p.stat().st_size for p in d.rglob("*")
-             if p.is_file() and p.relative_to(d).parts[0] != BOOKKEEPING}
-    return {"folder": str(folder), "family": family(d),
-            "norm_stats": STATS if (d / STATS).is_file() else "config.json",
-            "files": dict(sorted(files.items())), "total_bytes": sum(files.values()),
-            "config_sha256": file_sha256(d / "config.json"),
-            "repo": repo, "revision": revision, "commit": commit}
 
 
 def hint(folder: str, repo: str | None, revision: str, missing: list[str], reason: str) -> str:

@@ -150,17 +150,9 @@ def load_vla(checkpoint, block: dict, device) -> tuple[VLAPolicy, dict]:
     `block` the config's `policy` block plus the `benchmark` and `suite` it acts in.
     -> (policy, meta) as `ript.policy.load_policy` returns them. bf16 on a GPU, float32 on the
     CPU (vla_spec §5)."""
-    from pathlib import Path
-
     from ript.envs.benchmark import get
     from ript.vla.checkpoint import checkpoint_folder, load_checkpoint, unnorm_key
 
-    if Path(checkpoint).suffix == ".pt":  # a RIPT-trained policy file (ript.vla.rl)
-        from ript.policy import load_policy
-
-        policy, meta = load_policy(checkpoint)
-        policy.sampling = False  # evaluation executes μ (vla_spec §4.6)
-        return policy, meta
     folder = checkpoint_folder(checkpoint)
     bench = get(block["benchmark"], block.get("suite"))
     if not bench.vla_observations:

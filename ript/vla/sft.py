@@ -33,6 +33,7 @@ from ript.train import checkpoint as ckpt
 from ript.train.loop import decay_groups, train_loop
 from ript.utils import seed_everything
 from ript.vla.checkpoint import image_preprocessing
+from ript.vla.folder import manifest
 from ript.vla.demos import VLADemos, add_demo_args, prompt_table, statistics
 from ript.vla.heads import L1RegressionActionHead, ProprioProjector
 from ript.vla.prismatic import PrismaticVLA
@@ -110,8 +111,6 @@ def run(args, cfg: VlaSftConfig) -> dict:
         write_checkpoint(folder, config, model.vla, {key_name: stats},
                          action_head=model.action_head, proprio_projector=model.proprio_projector,
                          dtype=torch.float32)
-        from ript.vla.fetch import manifest
-
         out.write_text(json.dumps(manifest(folder), indent=2) + "\n")
         tracker.export_metrics(args.metrics)
         tracker.log_artifact(args.metrics)
