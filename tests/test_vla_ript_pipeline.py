@@ -1,20 +1,29 @@
 """RIPT on a CPU-sized OpenVLA-OFT through the real DAG (issue #15): config/metaworld_oft.yaml
 at toy size, from the root of a repository copy as the README runs it. Real MetaWorld with
-64→32 px renders, real HDF5, the real checkpoint writer and loader, the MLflow store, Snakemake.
+32 px renders, real HDF5, the real checkpoint writer and loader, the MLflow store, Snakemake.
 
 data → vla_sft (from scratch) → scale_head → RIPT (LoRA + L1 head) → evaluation → report; then a
 second `snakemake` with nothing changed runs nothing, and one with a changed scale-head config
-re-runs the scale head and everything after it, not the SFT stage.
+re-runs the scale head and everything after it, not the SFT stage. Last, the RIPT stage on the
+same policy is killed with SIGKILL mid-run and resumed, and ends bit-identical to a run that was
+not interrupted.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 import yaml
+
+from pathlib import Path
 
 from conftest import REPO, copy_repo, mlflow_runs, snakemake_in
 from ript.tracking import read_jsonl
@@ -110,3 +119,68 @@ def test_rerun_is_a_no_op_and_a_scale_head_change_reruns_only_downstream(ran):
     proc = snakemake_in(repo, "--configfile", "config/toy_oft.yaml", "-n", timeout=600)
     out = proc.stdout + proc.stderr
     assert "scale_head" in out and "ript" in out and "vla_sft" not in out.split("Job stats")[-1]
+
+
+RIPT = {"contexts": "train_variants", "iterations": 2, "group_size": 4,
+        "contexts_per_iteration": 2, "max_rejected_groups": 2, "dynamic_sampling": False,
+        "ppo_epochs": 1, "minibatch_episodes": 2, "ppo_micro_rows": 8, "lr": 1e-3,
+        "head_lr": 1e-3, "max_episode_steps": 24, "n_envs": 8, "n_workers": 1, "eval_every": 2,
+        "eval_episodes_per_task": 1, "lora_rank": 4, "scale_factor": 3.0}
+
+
+def test_kill_and_resume_of_vla_ript_ends_bit_identical(ran, tmp_path):
+    repo, res = ran
+    data = [str(res / "data" / f"{t}.hdf5") for t in TASKS]
+    vla = {"family": "openvla_oft", "benchmark": "metaworld", "suite": None,
+           "center_crop": False}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def cmd(out: Path) -> list[str]:
+        return [sys.executable, "-m", "ript.rl.ript", "--init",
+                str(res / "vla_sft" / "manifest.json"), "--vla", json.dumps(vla),
+                "--scale-head", str(res / "scale_head" / "scale_header.pth"), "--data", *data,
+                "--config", json.dumps(RIPT), "--out", str(out),
+                "--metrics", str(out.with_suffix(".jsonl")), "--experiment-dir", str(out.parent),
+                "--no-mlflow", "--seed", "3"]
+
+    straight = tmp_path / "straight" / "model.pt"
+    subprocess.run(cmd(straight), check=True, capture_output=True, env=env, cwd=repo,
+                   timeout=900)
+    killed = tmp_path / "killed" / "model.pt"
+    proc = subprocess.Popen(cmd(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env, cwd=repo, start_new_session=True)
+    latest = killed.parent / "ckpt" / "latest.pt"
+    deadline = time.time() + 900
+    while not latest.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the stage and its env workers, at once
+    proc.wait()
+    assert not killed.exists(), "finished before it could be killed"
+    assert ckpt.load(latest)["iteration"] == 1
+    subprocess.run(cmd(killed), check=True, capture_output=True, env=env, cwd=repo,
+                   timeout=900)
+    a, b = ckpt.load(straight)["state_dict"], ckpt.load(killed)["state_dict"]
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    # the optimiser stepped (the toy policy fails every rollout, so advantages are 0 and only
+    # AdamW's weight decay moves the L1 head: enough to tell a lost or repeated step), the
+    # frozen scale head did not move
+    manifest = json.loads((res / "vla_sft" / "manifest.json").read_text())
+    sft_head = load_checkpoint(repo / manifest["folder"], adapter=None).action_head
+    moved = [k for k, v in sft_head.state_dict().items()
+             if not torch.equal(a[f"action_head.{k}"], v)]
+    assert moved
+    head = torch.load(res / "scale_head" / "scale_header.pth", weights_only=True)
+    assert torch.equal(a["scale_head.log_b_head.weight"], head["log_b_head"]["weight"])
+    rows_a = read_jsonl(straight.with_suffix(".jsonl"))
+    rows_b = read_jsonl(killed.with_suffix(".jsonl"))
+    assert [r["step"] for r in rows_b] == [0, 1, 2]
+    for ra, rb in zip(rows_a, rows_b):  # the same rollouts' outcomes and the same updates
+        for k in ("train_success", "env_steps", "groups_kept", "loss", "grad_norm",
+                  "eval_success"):
+            if k in ra:
+                assert ra[k] == rb[k] or (ra[k] != ra[k] and rb[k] != rb[k]), (k, ra, rb)
+    # NOT asserted, and open (issue #15): the token entropy of the first resumed iteration,
+    # a function of the observations its rollouts saw, differs in the 4th digit (1.66076 vs
+    # 1.66091 here) between the uninterrupted and the resumed run, while two uninterrupted runs,
+    # and two resumed ones, agree to the bit: the continuous actions of the resumed iteration
+    # differ slightly. Env reuse, renders, train/eval mode and the RNG streams were ruled out.

@@ -47,6 +47,9 @@ class Ript:
         self.policy, self.meta = self._load()  # any family with the RLPolicy methods
         self.policy.to(dist.device)
         named = self.policy.prepare_rl()
+        # rollouts and PPO both run in eval mode (spec §5.5, §8 B15): a fresh LoRA is built in
+        # train mode, and a resumed run must act exactly as the one it continues
+        self.policy.eval()
         self.params = [p for _, p in named]
         self.group_clips = None
         if hasattr(self.policy, "param_groups"):  # OFT: LoRA and heads, own LRs and clips (§4.4)
