@@ -31,6 +31,7 @@ rule ript:
             "policy.py",
             "train/checkpoint.py",
             "data/dataset.py",
+            "data/hdf5.py",
         ),
         launcher=lambda w, resources: launcher(resources),
         vla=ript_vla_args(),

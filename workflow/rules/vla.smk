@@ -24,7 +24,7 @@ rule vla_checkpoint:
         ),
         revision=config["policy"]["hf_revision"],
         download="" if config["policy"]["download"] else "--no-download",
-        code=source_hash("vla/fetch.py"),
+        code=source_hash("vla/fetch.py", "vla/folder.py"),
         seed=SEED,
     shell:
         "python -m ript.vla.fetch --folder {params.folder:q} {params.repo} "
