@@ -168,9 +168,19 @@ class MetaWorldEnv:
         }
         if self.obs_spec.image:
             if self.steps % self.obs_spec.render_every == 0 or self._frame is None:
-                self._frame = np.ascontiguousarray(self.env.render()[::-1])  # upright
+                self._frame = np.ascontiguousarray(self._render()[::-1])  # upright
             obs["corner_rgb"] = self._frame
         return obs
+
+    def _render(self) -> np.ndarray:
+        """This env's camera image. Gymnasium makes an env's OpenGL context current only when
+        it creates it (or when one env has several render modes), so with several envs in one
+        process an env would render its scene into the context of the env created or rendered
+        last: another camera, no textures (a worker holds many envs). Make ours current first."""
+        viewer = getattr(self.env.mujoco_renderer, "viewer", None)
+        if viewer is not None:
+            viewer.make_context_current()
+        return self.env.render()
 
     def sim_state(self) -> np.ndarray:
         """qpos ‖ qvel: enough to check that a context reset reproduces a recorded start."""
