@@ -312,15 +312,19 @@ class OFTRLPolicy(VLAPolicy, nn.Module):
                     mine[k].copy_(v)
         return None
 
-    @property
-    def arch(self) -> dict:
+    def _base_arch(self) -> dict:
+        """What every RIPT VLA file needs to rebuild its frozen base (both families)."""
         return {"folder": _portable(self.ckpt.folder),
                 "adapter": str(self.ckpt.adapter) if self.ckpt.adapter else None,
                 "benchmark": getattr(self.bench, "name", None),
                 "suite": getattr(self.bench, "suite", None), "task_names": self.task_vocab,
                 "unnorm_key": self.unnorm_key, "center_crop": self.center_crop,
-                "scale_factor": self.scale_factor, "log_scale_clip": self.log_scale_clip,
-                "train_scale_head": self.train_scale_head, "lora": dict(self.lora),
+                "lora": dict(self.lora)}
+
+    @property
+    def arch(self) -> dict:
+        return {**self._base_arch(), "scale_factor": self.scale_factor,
+                "log_scale_clip": self.log_scale_clip, "train_scale_head": self.train_scale_head,
                 "scale_head_file": self.scale_head_file and _portable(self.scale_head_file)}
 
     @property

@@ -111,14 +111,7 @@ class OpenVLARLPolicy(OFTRLPolicy):
 
     @property
     def arch(self) -> dict:
-        from ript.vla.rl import _portable
-
-        return {"folder": _portable(self.ckpt.folder),
-                "adapter": str(self.ckpt.adapter) if self.ckpt.adapter else None,
-                "benchmark": getattr(self.bench, "name", None),
-                "suite": getattr(self.bench, "suite", None), "task_names": self.task_vocab,
-                "unnorm_key": self.unnorm_key, "center_crop": self.center_crop,
-                "top_k": self.top_k, "temperature": self.temperature, "lora": dict(self.lora)}
+        return {**self._base_arch(), "top_k": self.top_k, "temperature": self.temperature}
 
     @classmethod
     def from_arch(cls, arch: dict, bench=None, device="cpu", dtype=None) -> OpenVLARLPolicy:
