@@ -52,7 +52,7 @@ class Ript:
         self.policy.eval()
         self.params = [p for _, p in named]
         self.group_clips = None
-        if hasattr(self.policy, "param_groups"):  # OFT: LoRA and heads, own LRs and clips (§4.4)
+        if vla is not None:  # a VLA: LoRA and heads, own LRs and clips (vla_spec §4.4)
             g = self.policy.param_groups()  # OpenVLA (discrete) has no head group
             groups = [(g["lora"], cfg.lr, cfg.grad_clip), (g["head"], cfg.head_lr,
                                                            cfg.head_grad_clip)]
