@@ -1,18 +1,29 @@
 """Throughput / latency benchmark for ript.models on CPU.
 
 Usage: python benchmarks/bench_models.py [--quick] [--threads N]
+       python benchmarks/bench_models.py --against DIR [--rounds 3] [--precision fp32 bf16]
 
 Prints training samples/s for stage 0 (autoencoder) and stage 1 (encoders + prior) and the
 latency of sampling one 8-token chunk with and without the KV cache (spec §4.4, §9 item 8), at a
 small CPU size and at the paper size (spec §3.1, §4.1, §4.2; low-dim obs + one 128 px camera).
+
+With --against DIR (a checkout of another commit, e.g. `git worktree add /tmp/base <commit>`)
+it times the training steps of this tree and of DIR side by side instead: each measurement in
+a fresh process importing `ript` from one tree, the two trees alternating, --rounds times, and
+prints the medians and their ratio (this machine's load drifts, so only same-run ratios count).
+--precision bf16 adds this tree under bf16 autocast (`train.precision`) beside the fp32 rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -41,14 +52,19 @@ def make_batch(policy: QuestPolicy, b: int) -> dict:
             "task_id": torch.randint(0, 10, (b,))}
 
 
-def train_rate(policy: QuestPolicy, stage: int, b: int, iters: int) -> float:
+def train_rate(policy: QuestPolicy, stage: int, b: int, iters: int,
+               precision: str = "fp32") -> float:
     policy.train()
     params = policy.trainable_parameters(stage)
     opt = torch.optim.AdamW(policy.param_groups(params, 1e-4), lr=1e-4)
     batch = make_batch(policy, b)
 
     def step():
-        loss, _ = policy.stage_loss(batch, stage)
+        # as ript/train/loop.py does for train.precision: bf16
+        amp = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
+               else contextlib.nullcontext())
+        with amp:
+            loss, _ = policy.stage_loss(batch, stage)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in params], 100.0)
@@ -73,12 +89,65 @@ def sample_latency_ms(policy: QuestPolicy, b: int, use_cache: bool, reps: int) -
     return 1e3 * statistics.median(times)
 
 
+def child_rate(size: str, stage: int, precision: str, iters: int) -> float:
+    """One measurement in this process (the --child mode of --against)."""
+    torch.manual_seed(0)
+    b = {"small": 64, "paper": 32}[size]
+    return train_rate(build(size), stage, b, iters, precision)
+
+
+def side_by_side(args) -> None:
+    """Training samples/s of this tree vs args.against, alternating fresh processes."""
+    here = Path(__file__).resolve().parents[1]
+    other = Path(args.against).resolve()
+    if not (other / "ript" / "models").is_dir():
+        raise SystemExit(f"--against {other}: not a checkout of this project (no ript/models)")
+    iters = {"small": 3 if args.quick else 20, "paper": 2 if args.quick else 5}
+    arms = [("base", other, "fp32"), ("this", here, "fp32")]
+    arms += [("this", here, p) for p in args.precision if p != "fp32"]
+    rates: dict = {}
+    for rnd in range(args.rounds):
+        for size in ("small", "paper"):
+            for stage in (0, 1):
+                for name, tree, prec in arms:
+                    env = {**os.environ, "PYTHONPATH": str(tree)}
+                    out = subprocess.run(
+                        [sys.executable, __file__, "--child", size, str(stage), prec,
+                         str(iters[size]), "--threads", str(args.threads)],
+                        env=env, cwd=tree, check=True, capture_output=True, text=True).stdout
+                    rates.setdefault((size, stage, name, prec), []).append(float(out.split()[-1]))
+        print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    load = os.getloadavg()[0]
+    print(f"torch {torch.__version__}, threads {args.threads}, {args.rounds} rounds, 1-min load "
+          f"avg {load:.1f} on {os.cpu_count()} CPUs; base = {other}")
+    print(f"{'size':<6} {'stage':>5} {'arm':<10} {'samples/s (median)':>19} {'x base':>7}")
+    for size in ("small", "paper"):
+        for stage in (0, 1):
+            base = statistics.median(rates[size, stage, "base", "fp32"])
+            for name, _, prec in arms:
+                r = statistics.median(rates[size, stage, name, prec])
+                print(f"{size:<6} {stage:>5} {name + ' ' + prec:<10} {r:>19.1f} {r / base:>7.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="few iterations (smoke run)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--against", help="a checkout of another commit to time side by side")
+    ap.add_argument("--rounds", type=int, default=3, help="alternations with --against")
+    ap.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                    help="with --against: precisions of this tree to time")
+    ap.add_argument("--child", nargs=4, metavar=("SIZE", "STAGE", "PRECISION", "ITERS"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.child:
+        size, stage, prec, iters = args.child
+        print(child_rate(size, int(stage), prec, int(iters)))
+        return
+    if args.against:
+        side_by_side(args)
+        return
     torch.manual_seed(0)
     iters = {"small": 3 if args.quick else 20, "paper": 2 if args.quick else 5}
     batch = {"small": 64, "paper": 32}

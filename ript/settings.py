@@ -42,6 +42,11 @@ class OptimConfig:
     """Steps between metric records."""
     num_workers: int = 0
     """DataLoader worker processes (images are read lazily from HDF5)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Arithmetic of the forward pass: fp32, or bf16 autocast (matmuls and convolutions in
+    bfloat16, weights, optimiser and losses in fp32). bf16 trained the paper-size stages 1.8x
+    faster on a CPU with AVX512-BF16 (benchmarks/bench_models.py); CPUs without it emulate bf16
+    and get slower. The original trains in fp32 (its fp16 AMP is off, spec §3.5)."""
     eval_every: int = 0
     """Steps between validation rollouts (and at the last step); 0 = off. Stages 1 and 2 only:
     the episodes start from training contexts, never the held-out evaluation ones."""

@@ -66,6 +66,24 @@ def test_stage0_reconstruction_loss_falls(stage0):
     assert model["kind"] == "autoencoder" and model["arch"]["action_dim"] == 4
 
 
+def test_bf16_precision_autocasts_and_learns_like_fp32(demos, stage0, tmp_path, monkeypatch):
+    from ript.models import autoencoder
+
+    seen = []
+    loss = autoencoder.SkillVAE.loss
+    monkeypatch.setattr(autoencoder.SkillVAE, "loss", lambda self, *a: (
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
+                    else None), loss(self, *a))[1])
+    out = tmp_path / "bf16.pt"
+    main(_cli(0, demos, out, {**TINY_AE, "train": _train(150, precision="bf16")}))
+    assert seen and set(seen) == {torch.bfloat16}
+    rows, ref = read_jsonl(out.with_suffix(".jsonl")), read_jsonl(stage0.with_suffix(".jsonl"))
+    assert rows[-1]["recon_l1"] < 0.6 * rows[0]["recon_l1"]
+    assert rows[-1]["recon_l1"] < 1.2 * ref[-1]["recon_l1"]  # the fp32 run of the same data
+    # weights and the file stay fp32
+    assert all(v.dtype != torch.bfloat16 for v in ckpt.load(out)["state_dict"].values())
+
+
 def test_stage1_ce_falls_and_autoencoder_stays_frozen(demos, stage0, tmp_path):
     out = tmp_path / "prior.pt"
     main(_cli(1, demos, out, {**TINY_PRIOR, "train": _train(150)}, init=stage0))

@@ -111,6 +111,9 @@ def train_loop(model, loss_fn, groups, dataset: Dataset, cfg: OptimConfig, track
         tracker.truncate_after(step)
         print(f"{tracker.stage}: resuming from step {step} of {cfg.steps}", flush=True)
     params = [p for g in groups for p in g["params"]]
+    if cfg.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"train.precision: bf16 is not supported by {torch.cuda.get_device_name()}"
+                         "; use fp32")
 
     def save_state():
         ckpt.save(ckpt_dir / "latest.pt", {
@@ -130,7 +133,8 @@ def train_loop(model, loss_fn, groups, dataset: Dataset, cfg: OptimConfig, track
     validate = evaluate is not None and cfg.eval_every > 0
     for batch in loader:
         model.train()
-        loss, metrics = loss_fn(_to(batch, device))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            loss, metrics = loss_fn(_to(batch, device))
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite loss ({loss.item()}) at step {step}; the last good checkpoint is "
