@@ -115,6 +115,7 @@ def test_libero_runner_with_spawned_worker():
 def test_vla_observations_and_settling():
     """The OpenVLA family's env (vla_spec §2, §3.2): 256 px renders of both cameras, the eef
     quaternion for the 8-d proprio, and settling with the no-op action (gripper open)."""
+    from ript.envs.benchmark import get
     from ript.envs.libero import LiberoEnv, libero_proprio, quat2axisangle, task_init_states
 
     init = task_init_states(SUITE, 0)[0]
@@ -125,6 +126,17 @@ def test_vla_observations_and_settling():
         assert q.shape == (4,) and abs(np.linalg.norm(q) - 1) < 1e-4
         state = libero_proprio(obs["ee_pos"], q, obs["gripper_states"])
         assert state.shape == (8,) and np.allclose(state[3:6], quat2axisangle(q))
+        # LIBERO's files hold no quaternion but `ee_ori`, robosuite's axis-angle of it: the
+        # benchmark reads the same 8-d state from either (the scale-head stage reads files)
+        from robosuite.utils.transform_utils import quat2axisangle as robosuite_axisangle
+
+        bench = get("libero", SUITE)
+        row = {k: obs[k][None] for k in ("ee_pos", "gripper_states")}
+        live = bench.vla_state({**row, "ee_quat": q[None]}, slice(None))
+        filed = bench.vla_state({**row, "ee_ori": robosuite_axisangle(q)[None]}, slice(None))
+        np.testing.assert_allclose(filed, live, atol=1e-6)
+        with pytest.raises(KeyError, match="ee_ori"):
+            bench.vla_state(row, slice(None))
         # the no-op settles with the gripper open (-1), zeros leave it where it was: the
         # fingers end wider apart after the VLA settling than after QueST's
         ref = plain.reset(init, seed=3)

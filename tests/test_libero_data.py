@@ -104,6 +104,32 @@ def test_prepare_writes_our_layout(libero_raw_dir, tmp_path):
         np.testing.assert_array_equal(np.asarray(c.init_state), s0)
 
 
+def test_scale_head_stage_learns_from_libero_files(libero_raw_dir, tmp_path):
+    """LIBERO's own files give OFT's 8-d state (eef position, `ee_ori`, gripper), so RIPT's
+    scale-head stage trains on them through its CLI (a fake tiny OFT: no 7-B weights here)."""
+    from ript.data.libero_data import prepare
+    from ript.tracking import read_jsonl
+
+    data = tmp_path / "data.hdf5"
+    prepare(cfg(libero_raw_dir, demos_per_task=3), libero_task_name(), data)
+    folder, out = tmp_path / "fake-oft", tmp_path / "head" / "scale_header.pth"
+    train = {"steps": 40, "batch_size": 12, "lr": 3e-2, "lr_min": 3e-3, "log_every": 5}
+    # in fresh processes, as the DAG runs them (and timm's torchvision import must not follow
+    # this process's LIBERO rendering)
+    subprocess.run([sys.executable, "-m", "ript.vla.fake", str(folder), "--family",
+                    "openvla_oft", "--suite", LIBERO_SUITE], check=True)
+    subprocess.run([sys.executable, "-m", "ript.vla.scale_head", "--checkpoint", str(folder),
+                    "--data", str(data), "--benchmark", "libero", "--suite", LIBERO_SUITE,
+                    "--config", json.dumps({"train": train}), "--out", str(out),
+                    "--metrics", str(tmp_path / "m.jsonl"), "--experiment-dir", str(tmp_path),
+                    "--no-mlflow"], check=True)
+    rows = read_jsonl(tmp_path / "m.jsonl")
+    assert rows[-1]["step"] == 40 and rows[-1]["loss"] < rows[0]["loss"] - 1.0, rows
+    import torch
+
+    assert set(torch.load(out, weights_only=True)) == {"scale_trunk", "log_b_head"}
+
+
 def test_truncated_file_is_refused(raw_copy, tmp_path):
     from ript.data.hdf5 import DataError
     from ript.data.libero_data import prepare

@@ -363,3 +363,18 @@ def test_parity_switches_reach_the_stages(demos, stage0, tmp_path, monkeypatch):
     changed = {k for k in before if k.startswith("autoencoder.")
                and not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("autoencoder.decoder.transformer.") for k in changed)
+
+
+def test_input_identity_of_a_folder_follows_every_file_in_it(tmp_path):
+    """A VLA checkpoint may be given by its folder: the resume key must see any file change."""
+    d = tmp_path / "ckpt"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.bin").write_bytes(b"weights")
+    (d / "sub" / "b.json").write_text("{}")
+    first = ckpt.input_identity(d)
+    assert ckpt.input_identity(d) == first
+    (d / "sub" / "b.json").write_text('{"x": 1}')
+    changed = ckpt.input_identity(d)
+    assert changed != first
+    (d / "sub" / "b.json").rename(d / "b.json")  # same bytes, another name
+    assert ckpt.input_identity(d) not in (first, changed)

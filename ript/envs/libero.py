@@ -357,8 +357,18 @@ class LiberoBenchmark(Benchmark):
     vla_images_upside_down = True
 
     def vla_state(self, obs: dict, rows) -> np.ndarray:
-        return libero_proprio(np.asarray(obs["ee_pos"])[rows], np.asarray(obs["ee_quat"])[rows],
-                              np.asarray(obs["gripper_states"])[rows])
+        """From the live env's eef quaternion, or from a demo file's `ee_ori`: LIBERO's
+        create_dataset.py stores robosuite's quat2axisangle of the same quaternion there (the
+        formula OFT copied), so demonstrations give the scale-head stage OFT's 8-d state."""
+        pos, grip = np.asarray(obs["ee_pos"])[rows], np.asarray(obs["gripper_states"])[rows]
+        if "ee_quat" in obs:
+            return libero_proprio(pos, np.asarray(obs["ee_quat"])[rows], grip)
+        if "ee_ori" not in obs:
+            raise KeyError("OFT's LIBERO state needs the eef orientation: observations with "
+                           f"'ee_quat' (the env) or 'ee_ori' (LIBERO's files); got {sorted(obs)}")
+        ori = np.asarray(obs["ee_ori"], np.float64)[rows]
+        return np.concatenate([np.asarray(pos, np.float64), ori, np.asarray(grip, np.float64)],
+                              axis=-1)
 
     def vla_env_actions(self, actions: np.ndarray) -> np.ndarray:
         return libero_gripper(actions)

@@ -61,10 +61,15 @@ CONTENT_HASH_LIMIT = 64 * 2**20
 
 
 def input_identity(path: str | Path) -> str:
-    """A short identity of an input file's content (see CONTENT_HASH_LIMIT)."""
+    """A short identity of an input file's content (see CONTENT_HASH_LIMIT); of a folder (a
+    VLA checkpoint given by its folder), that of every file in it with its relative name."""
     path = Path(path)
-    st = path.stat()
     h = hashlib.sha256()
+    if path.is_dir():
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(f"{f.relative_to(path).as_posix()}:{input_identity(f)}\n".encode())
+        return h.hexdigest()[:16]
+    st = path.stat()
     with open(path, "rb") as f:
         if st.st_size <= CONTENT_HASH_LIMIT:
             for block in iter(lambda: f.read(2**20), b""):
