@@ -2,6 +2,7 @@
 
 Usage: python benchmarks/bench_models.py [--quick] [--threads N]
        python benchmarks/bench_models.py --against DIR [--rounds 3] [--precision fp32 bf16]
+       python benchmarks/bench_models.py --profile {default,small,paper} {0,1} [--threads 1]
 
 Prints training samples/s for stage 0 (autoencoder) and stage 1 (encoders + prior) and the
 latency of sampling one 8-token chunk with and without the KV cache (spec §4.4, §9 item 8), at a
@@ -12,6 +13,10 @@ it times the training steps of this tree and of DIR side by side instead: each m
 a fresh process importing `ript` from one tree, the two trees alternating, --rounds times, and
 prints the medians and their ratio (this machine's load drifts, so only same-run ratios count).
 --precision bf16 adds this tree under bf16 autocast (`train.precision`) beside the fp32 rows.
+
+--profile prints torch.profiler's busiest operators of a few training steps of one stage, at the
+embedded default's size (`default`: config/config.yaml's models, 4-d MetaWorld actions, batch
+128), the small CPU size or the paper size: where a step spends its time.
 """
 
 from __future__ import annotations
@@ -33,7 +38,11 @@ LOWDIM = {"joint_states": 7, "ee_pos": 3, "gripper_states": 2}
 
 
 def build(size: str) -> QuestPolicy:
-    if size == "small":
+    if size == "default":  # config/config.yaml's autoencoder and prior (MetaWorld: 4-d actions)
+        vae = SkillVAE(4, d_model=64, enc_layers=2, dec_layers=2, heads=4, ffn=256)
+        enc = ObsEncoder({"obs_gt": 39}, [], d_model=96, n_tasks=50)
+        prior = SkillGPT(vae.vocab_size, vae.n_tokens, d_model=96, layers=3, heads=4, ffn=384)
+    elif size == "small":
         vae = SkillVAE(7, d_model=128, enc_layers=2, dec_layers=2, heads=4, ffn=512)
         enc = ObsEncoder(LOWDIM, [], d_model=128, n_tasks=10)
         prior = SkillGPT(vae.vocab_size, vae.n_tokens, d_model=128, layers=4, heads=4, ffn=512)
@@ -45,10 +54,12 @@ def build(size: str) -> QuestPolicy:
 
 
 def make_batch(policy: QuestPolicy, b: int) -> dict:
-    obs = {k: torch.randn(b, d) for k, d in LOWDIM.items()}
-    for k in policy.obs_encoder.rgb_keys:
+    enc = policy.obs_encoder
+    obs = {k: torch.randn(b, d) for k, d in enc.lowdim_dims.items()}
+    for k in enc.rgb_keys:
         obs[k] = torch.randint(0, 256, (b, 3, 128, 128), dtype=torch.uint8)
-    return {"actions": torch.rand(b, 32, 7) * 2 - 1, "obs": obs,
+    a = policy.autoencoder.action_dim
+    return {"actions": torch.rand(b, 32, a) * 2 - 1, "obs": obs,
             "task_id": torch.randint(0, 10, (b,))}
 
 
@@ -87,6 +98,22 @@ def sample_latency_ms(policy: QuestPolicy, b: int, use_cache: bool, reps: int) -
         policy.prior.sample(ctx, top_k=5, use_cache=use_cache)
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
+
+
+def profile(size: str, stage: int, steps: int = 10) -> None:
+    """torch.profiler's operator table of `steps` training steps (after two warm-up steps)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.manual_seed(0)
+    policy = build(size)
+    b = {"default": 128, "small": 64, "paper": 32}[size]
+    train_rate(policy, stage, b, 2)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        rate = train_rate(policy, stage, b, steps)
+    print(f"{size} size, stage {stage}, batch {b}, {torch.get_num_threads()} thread(s): "
+          f"{rate:.1f} samples/s under the profiler ({1e3 * b / rate:.0f} ms per step)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
 def child_rate(size: str, stage: int, precision: str, iters: int) -> float:
@@ -137,6 +164,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="alternations with --against")
     ap.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
                     help="with --against: precisions of this tree to time")
+    ap.add_argument("--profile", nargs=2, metavar=("SIZE", "STAGE"),
+                    help="torch.profiler table of one stage's steps: SIZE default|small|paper")
     ap.add_argument("--child", nargs=4, metavar=("SIZE", "STAGE", "PRECISION", "ITERS"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -147,6 +176,9 @@ def main() -> None:
         return
     if args.against:
         side_by_side(args)
+        return
+    if args.profile:
+        profile(args.profile[0], int(args.profile[1]))
         return
     torch.manual_seed(0)
     iters = {"small": 3 if args.quick else 20, "paper": 2 if args.quick else 5}
