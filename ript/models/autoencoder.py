@@ -16,8 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from vector_quantize_pytorch import FSQ, VectorQuantize
 
-from ript.models.dropout import use_cpu_dropout
-
 # Requested codebook size -> FSQ levels, used when ``fsq_levels`` is None (spec §3.1).
 FSQ_LEVELS: dict[int, list[int]] = {
     16: [5, 3],
@@ -225,7 +223,6 @@ class SkillVAE(nn.Module):
             self._vocab = int(codebook_size)
         self.decoder = SkillDecoder(action_dim, chunk_size, d_model, dec_layers, heads, ffn,
                                     dropout)
-        use_cpu_dropout(self)  # torch's layers build nn.Dropout; same maths, cheaper CPU masks
 
     @property
     def vocab_size(self) -> int:

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ript.models.autoencoder import sinusoidal_table
-from ript.models.dropout import Dropout  # nn.Dropout with a cheaper CPU mask
 
 KVCache = list[tuple[Tensor, Tensor]]  # per layer: keys, values (B, heads, L, d_head)
 
@@ -24,7 +23,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
         self.attn_dropout = dropout
-        self.resid_dropout = Dropout(dropout)
+        self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, past: tuple[Tensor, Tensor] | None = None):
         """x (B, L, d) -> (out (B, L, d), (k, v) including ``past``).
@@ -60,7 +59,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(d_model, heads, dropout)
         self.ln2 = nn.LayerNorm(d_model)
         self.mlp = nn.Sequential(
-            nn.Linear(d_model, ffn), nn.GELU(), nn.Linear(ffn, d_model), Dropout(dropout)
+            nn.Linear(d_model, ffn), nn.GELU(), nn.Linear(ffn, d_model), nn.Dropout(dropout)
         )
 
     def forward(self, x: Tensor, past=None):
@@ -97,7 +96,7 @@ class SkillGPT(nn.Module):
         self.start_token = vocab_size
         self.tok_emb = nn.Embedding(vocab_size + 1, d_model)
         self.register_buffer("pos", sinusoidal_table(n_tokens, d_model), persistent=False)
-        self.emb_dropout = Dropout(dropout)
+        self.emb_dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList([Block(d_model, heads, ffn, dropout) for _ in range(layers)])
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size)
