@@ -44,7 +44,7 @@ class OptimConfig:
     """DataLoader worker processes (images are read lazily from HDF5)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """Arithmetic of the forward pass: fp32, or bf16 autocast (matmuls and convolutions in
-    bfloat16, weights, optimiser and losses in fp32). bf16 trained the paper-size stages 1.6-1.7x
+    bfloat16, weights, optimiser and losses in fp32). bf16 trained the paper-size stages 1.45-1.66x
     faster on a CPU with AVX512-BF16 (benchmarks/bench_models.py); CPUs without it emulate bf16
     and get slower. The original trains in fp32 (its fp16 AMP is off, spec §3.5)."""
     eval_every: int = 0
