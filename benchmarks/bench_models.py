@@ -35,6 +35,12 @@ import torch
 from ript.models import ObsEncoder, QuestPolicy, SkillGPT, SkillVAE
 
 LOWDIM = {"joint_states": 7, "ee_pos": 3, "gripper_states": 2}
+BATCH = {"default": 128, "small": 64, "paper": 32}  # training batch per model size
+
+
+def iterations(quick: bool) -> dict[str, int]:
+    """Timed training steps per model size."""
+    return {"small": 3 if quick else 20, "paper": 2 if quick else 5}
 
 
 def build(size: str) -> QuestPolicy:
@@ -107,7 +113,7 @@ def profile(size: str, stage: int, steps: int = 10) -> None:
 
     torch.manual_seed(0)
     policy = build(size)
-    b = {"default": 128, "small": 64, "paper": 32}[size]
+    b = BATCH[size]
     train_rate(policy, stage, b, 2)
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         rate = train_rate(policy, stage, b, steps)
@@ -119,8 +125,7 @@ def profile(size: str, stage: int, steps: int = 10) -> None:
 def child_rate(size: str, stage: int, precision: str, iters: int) -> float:
     """One measurement in this process (the --child mode of --against)."""
     torch.manual_seed(0)
-    b = {"small": 64, "paper": 32}[size]
-    return train_rate(build(size), stage, b, iters, precision)
+    return train_rate(build(size), stage, BATCH[size], iters, precision)
 
 
 def side_by_side(args) -> None:
@@ -129,7 +134,7 @@ def side_by_side(args) -> None:
     other = Path(args.against).resolve()
     if not (other / "ript" / "models").is_dir():
         raise SystemExit(f"--against {other}: not a checkout of this project (no ript/models)")
-    iters = {"small": 3 if args.quick else 20, "paper": 2 if args.quick else 5}
+    iters = iterations(args.quick)
     arms = [("base", other, "fp32"), ("this", here, "fp32")]
     arms += [("this", here, p) for p in args.precision if p != "fp32"]
     rates: dict = {}
@@ -181,19 +186,18 @@ def main() -> None:
         profile(args.profile[0], int(args.profile[1]))
         return
     torch.manual_seed(0)
-    iters = {"small": 3 if args.quick else 20, "paper": 2 if args.quick else 5}
-    batch = {"small": 64, "paper": 32}
+    iters = iterations(args.quick)
     reps = 5 if args.quick else 30
 
     rows = []
     for size in ("small", "paper"):
         policy = build(size)
         n_par = sum(p.numel() for p in policy.parameters()) / 1e6
-        r0 = train_rate(policy, 0, batch[size], iters[size])
-        r1 = train_rate(policy, 1, batch[size], iters[size])
+        r0 = train_rate(policy, 0, BATCH[size], iters[size])
+        r1 = train_rate(policy, 1, BATCH[size], iters[size])
         lat = {(b, c): sample_latency_ms(policy, b, c, reps)
                for b in (1, 16) for c in (True, False)}
-        rows.append((size, n_par, batch[size], r0, r1, lat))
+        rows.append((size, n_par, BATCH[size], r0, r1, lat))
 
     load = os.getloadavg()[0]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "

@@ -107,6 +107,8 @@ def test_prepare_writes_our_layout(libero_raw_dir, tmp_path):
 def test_scale_head_stage_learns_from_libero_files(libero_raw_dir, tmp_path):
     """LIBERO's own files give OFT's 8-d state (eef position, `ee_ori`, gripper), so RIPT's
     scale-head stage trains on them through its CLI (a fake tiny OFT: no 7-B weights here)."""
+    import torch
+
     from ript.data.libero_data import prepare
     from ript.tracking import read_jsonl
 
@@ -125,8 +127,6 @@ def test_scale_head_stage_learns_from_libero_files(libero_raw_dir, tmp_path):
                     "--no-mlflow"], check=True)
     rows = read_jsonl(tmp_path / "m.jsonl")
     assert rows[-1]["step"] == 40 and rows[-1]["loss"] < rows[0]["loss"] - 1.0, rows
-    import torch
-
     assert set(torch.load(out, weights_only=True)) == {"scale_trunk", "log_b_head"}
 
 

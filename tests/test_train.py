@@ -69,11 +69,14 @@ def test_stage0_reconstruction_loss_falls(stage0):
 def test_bf16_precision_autocasts_and_learns_like_fp32(demos, stage0, tmp_path, monkeypatch):
     from ript.models import autoencoder
 
-    seen = []
+    seen = []  # the autocast dtype each stage-0 loss ran under (None: no autocast)
     loss = autoencoder.SkillVAE.loss
-    monkeypatch.setattr(autoencoder.SkillVAE, "loss", lambda self, *a: (
-        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
-                    else None), loss(self, *a))[1])
+
+    def recording_loss(self, *args):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return loss(self, *args)
+
+    monkeypatch.setattr(autoencoder.SkillVAE, "loss", recording_loss)
     out = tmp_path / "bf16.pt"
     main(_cli(0, demos, out, {**TINY_AE, "train": _train(150, precision="bf16")}))
     assert seen and set(seen) == {torch.bfloat16}
