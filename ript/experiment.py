@@ -15,6 +15,7 @@ import dataclasses
 from typing import Any
 
 from ript import settings as S
+from ript.vla import settings as V
 from ript.config import ConfigError, from_dict, require, to_dict
 from ript.envs.benchmark import DEFAULT as DEFAULT_BENCHMARK
 from ript.envs.benchmark import benchmark_class, get
@@ -26,8 +27,8 @@ def blocks() -> dict[str, type]:
     """Config block → the dataclass that holds its keys and defaults."""
     return {"language": S.LanguageConfig, "autoencoder": S.AutoencoderConfig,
             "prior": S.PriorConfig, "finetune": S.FinetuneConfig, "ript": S.RiptConfig,
-            "evaluation": S.EvalConfig, "report": S.ReportConfig, "policy": S.PolicyConfig,
-            "vla_sft": S.VlaSftConfig, "scale_head": S.ScaleHeadConfig}
+            "evaluation": S.EvalConfig, "report": S.ReportConfig, "policy": V.PolicyConfig,
+            "vla_sft": V.VlaSftConfig, "scale_head": V.ScaleHeadConfig}
 
 
 def data_config_class(benchmark: str) -> type:
@@ -97,7 +98,7 @@ def check(cfg: dict[str, Any]) -> None:
         require(bench.vla_observations, "policy.family",
                 f"{family} needs a benchmark with VLA observations (renders of both cameras, "
                 f"the 8-d proprio state); {name} has none")
-        if cfg["policy"]["checkpoint"] == S.SCRATCH:
+        if cfg["policy"]["checkpoint"] == V.SCRATCH:
             require(bool(data.get("image", True)), "data.image",
                     "policy.checkpoint scratch trains on the demonstrations' images: set true")
             require(data.get("image_size") == cfg["vla_sft"]["image_size"], "vla_sft.image_size",

@@ -27,7 +27,7 @@ import torch
 
 from ript.config import from_dict, to_dict
 from ript.envs.benchmark import get
-from ript.settings import ScaleHeadConfig
+from ript.vla.settings import ScaleHeadConfig
 from ript.stage import add_common_args, code_hash, load_block, setup_threads, stage_tracker
 from ript.train import checkpoint as ckpt
 from ript.train.loop import decay_groups, train_loop
