@@ -21,7 +21,7 @@ from ript.rl.advantages import (
     should_stop,
 )
 from ript.rl.buffer import Batch, Episode, RolloutBuffer
-from ript.rl.ppo import (
+from ript.rl.ppo_loss import (
     PPOConfig,
     aggregate_loss,
     clipped_surrogate,

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from ript.rl.ppo import clipped_surrogate, ratio_check_tolerance
+from ript.rl.ppo import ratio_check_tolerance
+from ript.rl.ppo_loss import clipped_surrogate
 from ript.vla import processing as P
 from ript.vla.checkpoint import load_checkpoint
 from ript.vla.fake import write_fake_checkpoint

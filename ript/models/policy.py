@@ -194,7 +194,7 @@ class QuestPolicy(nn.Module):
 
     def entropy(self, context: Tensor, tokens: Tensor) -> Tensor:
         """Mean full-softmax entropy (nats) per token position, a diagnostic (spec §9.3)."""
-        from ript.rl.ppo import token_entropy
+        from ript.rl.ppo_loss import token_entropy
 
         return token_entropy(self.prior.logits(context, tokens))
 
