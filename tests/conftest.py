@@ -151,3 +151,22 @@ def libero_raw_dir(tmp_path_factory) -> Path:
     record_official_file(root / LIBERO_SUITE / f"{task}_demo.hdf5", LIBERO_SUITE, task,
                          n_demos=3, steps=12)
     return root
+
+
+# --- a tiny FAKE OpenVLA-OFT checkpoint (tests/test_vla_model.py, test_vla_checkpoint.py) ----
+@pytest.fixture(scope="session")
+def oft_dir(tmp_path_factory) -> Path:
+    """The official folder layout with random tiny weights and a LoRA adapter (ript.vla.fake),
+    written once per session. Treat it as read-only: tests that break a folder copy it."""
+    from ript.vla.fake import write_fake_checkpoint
+
+    return write_fake_checkpoint(tmp_path_factory.mktemp("oft") / "ckpt", lora=True,
+                                 suite="libero_spatial")
+
+
+@pytest.fixture(scope="session")
+def oft(oft_dir):
+    """`oft_dir` loaded without its adapter; tests must leave its weights as they found them."""
+    from ript.vla.checkpoint import load_checkpoint
+
+    return load_checkpoint(oft_dir, adapter=None)
