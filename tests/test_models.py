@@ -22,13 +22,7 @@ from ript.models import (
 from ript.models.encoders import _hsv_to_rgb, _rgb_to_hsv
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy 2-core box."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny models: one thread
 
 
 A, T, F_DS = 2, 16, 4          # action dim, chunk, downsample -> n = 4 tokens
