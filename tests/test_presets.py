@@ -274,9 +274,9 @@ def _threads(proc, rule: str) -> int:
 
 
 def test_simulator_jobs_reserve_the_cores_their_workers_keep_busy(repo):
-    # the default's RIPT and evaluation (1 worker) leave the second core to another job
+    # the default's RIPT (2 workers) holds both cores; its evaluations (1 worker) run two at once
     default = snakemake_in(repo, "-n", timeout=300)
-    assert _threads(default, "ript") == 1 and _threads(default, "evaluate") == 1
+    assert _threads(default, "ript") == 2 and _threads(default, "evaluate") == 1
     # a LIBERO preset's 8 workers: 8 cores where the machine has them (SLURM's --cpus-per-task)
     libero = snakemake_in(repo, "-n", "--cores", "16", "--configfile", "config/libero_goal.yaml",
                           timeout=300)
