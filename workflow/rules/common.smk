@@ -107,7 +107,9 @@ if RIPT and FAMILY == "openvla_oft" and not SCALE_HEAD and _HEAD_FILE:
     if not os.path.isfile(_HEAD_FILE):
         raise WorkflowError(
             f"config error: scale_head.file: {_HEAD_FILE} not found: put RIPT's released scale "
-            "head there ({scale_trunk, log_b_head}), or train one (scale_head.source: train)"
+            "head there ({scale_trunk, log_b_head}; the suite's LIBERO_<SUITE>_scale_header.pth "
+            "from https://huggingface.co/tanshh97/RIPT_VLA, folder openvla_oft/scale_header), "
+            "or train one (scale_head.source: train)"
         )
 
 
